@@ -1,0 +1,74 @@
+"""``ntrace info`` and ``ntrace validate``: look at a trace without analysing it."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ntrace.cli import handle_errors
+
+
+@click.command()
+@click.argument("trace", type=click.Path())
+@handle_errors
+def info(trace: str) -> None:
+    """Summarise a trace: format, run, layers, arrays and bytes on disk."""
+    from ntrace.format.summary import summarize
+
+    s = summarize(trace)
+    console = Console()
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    for key, value in s.header:
+        head.add_row(key, value)
+    console.print(head)
+    layers = Table(title="tracked layers", title_justify="left")
+    for col in ("layer", "kind", "shape", "activation", "tracked", "jacobian"):
+        layers.add_column(col)
+    for row in s.layers:
+        layers.add_row(*row)
+    console.print(layers)
+    arrays = Table(title="arrays", title_justify="left")
+    for col, just in (("array", "left"), ("dims", "left"), ("shape", "left"), ("dtype", "left"),
+                      ("stored", "right"), ("raw", "right"), ("ratio", "right")):
+        arrays.add_column(col, justify=just)  # type: ignore[arg-type]
+    for row in s.arrays:
+        arrays.add_row(*row)
+    console.print(arrays)
+    console.print(f"[bold]total[/] {s.stored_human} on disk for {s.raw_human} of data "
+                  f"(compression ×{s.ratio:.1f}); activations at {s.bits_per_activation:.3f} "
+                  "bits each")
+
+
+@click.command()
+@click.argument("trace", type=click.Path())
+@click.option("--quick", is_flag=True, help="check metadata and structure only, not the data")
+@handle_errors
+def validate(trace: str, quick: bool) -> None:
+    """Check that TRACE conforms to the format spec; exit 1 listing every reason if not."""
+    from rich.progress import Progress
+
+    from ntrace.format.validate import validate_trace
+
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True) as bar:
+        job = bar.add_task("validating", total=None)
+        report = validate_trace(trace, deep=not quick,
+                                progress=lambda done, total: bar.update(job, completed=done,
+                                                                        total=total))
+    if report.ok:
+        a = report.attrs
+        assert a is not None
+        note = "" if a.status == "complete" else f" (status {a.status}: committed prefix only)"
+        click.echo(f"valid: {trace} conforms to format {a.format_version}; "
+                   f"{a.commit.rounds} rounds, {a.commit.taylor_rounds} Taylor rounds, "
+                   f"{a.commit.snapshots} snapshots{note}")
+        return
+    click.echo(f"invalid: {trace}: {len(report.reasons)} problem(s)", err=True)
+    for reason in report.reasons:
+        click.echo(f"  - {reason}", err=True)
+    sys.exit(1)

@@ -1,0 +1,117 @@
+"""``ntrace record``: run a built-in task with the recorder attached."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ntrace.cli import handle_errors
+
+
+def _dir_bytes(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, f))
+            except OSError:
+                pass
+    return total
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+@click.command()
+@click.option("--task", default="digits-autoencoder", show_default=True,
+              help="built-in task (see `ntrace record --list-tasks`)")
+@click.option("--out", "out", default=None, help="trace path [default: TASK-OPTIMIZER.zarr]")
+@click.option("--optimizer", default="sgd", show_default=True,
+              help="sgd | momentum | rmsprop | adam | adagrad")
+@click.option("--lr", type=float, default=None, help="learning rate [default: per task]")
+@click.option("--epochs", type=int, default=None, help="epochs [default: per task]")
+@click.option("--steps", type=int, default=None, help="train this many rounds instead")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--data-dir", type=click.Path(), default=None,
+              help="directory with the data set's standard files (MNIST IDX)")
+@click.option("--overwrite", is_flag=True, help="replace an existing trace at --out")
+@click.option("--taylor-every", type=int, default=None,
+              help="record Taylor data every k rounds [default: per task]")
+@click.option("--samples-per-round", type=int, default=None,
+              help="samples of each recorded minibatch [default: per task]")
+@click.option("--neurons", default="all", show_default=True,
+              help="'all' or K: a seeded sample of K tracked neurons per layer")
+@click.option("--probe-size", type=int, default=None,
+              help="probe points for activation configurations, 0 = none [default: per task]")
+@click.option("--probe-every", type=int, default=None,
+              help="rounds between snapshots [default: each epoch, >= 64 per run]")
+@click.option("--list-tasks", is_flag=True, help="list the built-in tasks and exit")
+@handle_errors
+def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs: int | None,
+           steps: int | None, seed: int, device: str, data_dir: str | None, overwrite: bool,
+           taylor_every: int | None, samples_per_round: int | None, neurons: str,
+           probe_size: int | None, probe_every: int | None, list_tasks: bool) -> None:
+    """Train a built-in task and record its Taylor trace."""
+    from ntrace.errors import UsageError
+    from ntrace.format.metadata import Sampling
+    from ntrace.tasks import TASKS, get_task
+    from ntrace.tasks.runner import Progress as RunProgress
+    from ntrace.tasks.runner import RunOptions, run_task
+
+    console = Console(stderr=True)
+    if list_tasks:
+        for t in TASKS.values():
+            click.echo(f"{t.name:22s} {t.description}")
+        return
+    spec = get_task(task)
+    out = out or f"{task}-{optimizer}.zarr"
+    n_neurons: str | int = neurons
+    if neurons != "all":
+        try:
+            n_neurons = int(neurons)
+        except ValueError:
+            raise UsageError(f"--neurons must be 'all' or a positive integer, found {neurons!r}"
+                             ) from None
+    defaults = spec.sampling
+    try:
+        sampling = Sampling(
+            taylor_every=taylor_every or defaults.taylor_every,
+            samples_per_round=samples_per_round or defaults.samples_per_round,
+            neurons=n_neurons,
+        )
+    except ValueError as exc:
+        raise UsageError(f"bad sampling option: {exc}") from None
+    if sampling.samples_per_round > spec.batch_size:
+        raise UsageError(f"--samples-per-round {sampling.samples_per_round} exceeds the batch "
+                         f"size {spec.batch_size} of {task}")
+    opts = RunOptions(out=out, optimizer=optimizer, lr=lr, epochs=epochs, steps=steps, seed=seed,
+                      device=device, data_dir=data_dir, overwrite=overwrite, sampling=sampling,
+                      probe_size=probe_size, probe_every=probe_every)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]:>6.0f} rounds/s  {task.fields[size]:>9s}"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        job = bar.add_task(f"recording {task}", total=None, rate=0.0, size="")
+        last = [0.0]
+
+        def on_round(p: RunProgress) -> None:
+            now = time.perf_counter()
+            if p.round == p.total or now - last[0] > 0.25:
+                last[0] = now
+                size = _human(_dir_bytes(out)) if os.path.isdir(out) else ""
+                bar.update(job, completed=p.round, total=p.total,
+                           rate=p.round / max(p.elapsed, 1e-9), size=size)
+
+        result = run_task(spec, opts, on_round)
+    console.print(f"[green]recorded[/] {result.rounds} rounds in {result.seconds:.1f} s, "
+                  f"final loss {result.final_loss:.5f} → {out}")

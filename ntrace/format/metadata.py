@@ -1,0 +1,401 @@
+"""Attribute documents of a Taylor trace, as frozen dataclasses.
+
+Each node kind (trace root, layer, taylor, probe) keeps its attributes under the single key
+``ntrace``. Every class mirrors ``to_dict``/``from_dict``; every field is checked by a small
+``parse_*`` function so that a malformed document fails with a message naming the field.
+Unknown keys are ignored (minor versions may add them); an unknown major version is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ntrace.errors import InvalidTraceError, UnsupportedVersionError
+
+FORMAT_VERSION = "1.0"
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+ATTR_KEY = "ntrace"
+
+LOSS_IDS = ("mse", "cross_entropy")
+ACTIVATIONS = ("relu", "leaky_relu", "identity")
+STATUSES = ("running", "complete", "aborted")
+SAMPLE_POLICIES = ("first",)
+JACOBIAN_KINDS = ("stored", "identity")
+
+
+def _fail(where: str, message: str) -> InvalidTraceError:
+    return InvalidTraceError(f"{where}: {message}")
+
+
+def parse_str(data: object, where: str, choices: Sequence[str] | None = None) -> str:
+    if not isinstance(data, str):
+        raise _fail(where, f"expected a string, found {type(data).__name__}")
+    if choices is not None and data not in choices:
+        raise _fail(where, f"expected one of {', '.join(choices)}, found {data!r}")
+    return data
+
+
+def parse_opt_str(data: object, where: str) -> str | None:
+    return None if data is None else parse_str(data, where)
+
+
+def parse_int(data: object, where: str, minimum: int | None = None) -> int:
+    if isinstance(data, bool) or not isinstance(data, int):
+        raise _fail(where, f"expected an integer, found {type(data).__name__}")
+    if minimum is not None and data < minimum:
+        raise _fail(where, f"expected an integer >= {minimum}, found {data}")
+    return data
+
+
+def parse_opt_int(data: object, where: str, minimum: int | None = None) -> int | None:
+    return None if data is None else parse_int(data, where, minimum)
+
+
+def parse_float(data: object, where: str) -> float:
+    if isinstance(data, bool) or not isinstance(data, int | float) or not math.isfinite(data):
+        raise _fail(where, f"expected a finite number, found {data!r}")
+    return float(data)
+
+
+def parse_bool(data: object, where: str) -> bool:
+    if not isinstance(data, bool):
+        raise _fail(where, f"expected true or false, found {data!r}")
+    return data
+
+
+def parse_mapping(data: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise _fail(where, f"expected an object, found {type(data).__name__}")
+    return data
+
+
+def parse_str_list(data: object, where: str) -> tuple[str, ...]:
+    if not isinstance(data, list | tuple):
+        raise _fail(where, f"expected a list of strings, found {type(data).__name__}")
+    return tuple(parse_str(item, f"{where}[{i}]") for i, item in enumerate(data))
+
+
+def parse_format_version(data: object, where: str = "format_version") -> tuple[int, int]:
+    """Return ``(major, minor)``; refuse majors this ntrace cannot read."""
+    text = parse_str(data, where)
+    parts = text.split(".")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise _fail(where, f"expected 'MAJOR.MINOR', found {text!r}")
+    major, minor = int(parts[0]), int(parts[1])
+    if major != FORMAT_MAJOR:
+        from ntrace import __version__
+
+        raise UnsupportedVersionError(
+            f"trace format version {text} is not readable by ntrace {__version__}, which reads "
+            f"format {FORMAT_MAJOR}.x; "
+            + (
+                "upgrade ntrace (pip install -U ntrace)"
+                if major > FORMAT_MAJOR
+                else "convert the trace with an older ntrace"
+            )
+        )
+    return major, minor
+
+
+def _req(d: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in d:
+        raise _fail(where, f"missing required key {key!r}")
+    return d[key]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The loss ℓ(f, y) and its reduction; see spec section 'Losses'."""
+
+    id: str
+    reduction: str = "mean"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "reduction": self.reduction}
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "loss") -> LossSpec:
+        d = parse_mapping(data, where)
+        return cls(
+            id=parse_str(_req(d, "id", where), f"{where}.id", LOSS_IDS),
+            reduction=parse_str(_req(d, "reduction", where), f"{where}.reduction", ("mean",)),
+        )
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What is recorded and how often.
+
+    ``taylor_every``: Taylor data every k-th round (rounds n with n % k == taylor_offset);
+    ``samples_per_round``: the first s samples of each such minibatch; ``neurons``: ``"all"`` or
+    the size of a seeded per-layer sample of tracked neurons; ``probe_every``: rounds between
+    activation-configuration snapshots of the probe set; ``probe_size``: points in it.
+    """
+
+    taylor_every: int = 10
+    taylor_offset: int = 0
+    samples_per_round: int = 8
+    sample_policy: str = "first"
+    neurons: str | int = "all"
+    neuron_seed: int = 0
+    probe_every: int = 0
+    probe_size: int = 0
+
+    def __post_init__(self) -> None:
+        # re-use the parser so API users get the same messages as trace readers
+        Sampling.from_dict(self.to_dict(), where="sampling")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "taylor_every": self.taylor_every,
+            "taylor_offset": self.taylor_offset,
+            "samples_per_round": self.samples_per_round,
+            "sample_policy": self.sample_policy,
+            "neurons": self.neurons,
+            "neuron_seed": self.neuron_seed,
+            "probe_every": self.probe_every,
+            "probe_size": self.probe_size,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "sampling") -> Sampling:
+        d = parse_mapping(data, where)
+        every = parse_int(_req(d, "taylor_every", where), f"{where}.taylor_every", 1)
+        offset = parse_int(_req(d, "taylor_offset", where), f"{where}.taylor_offset", 0)
+        if offset >= every:
+            raise _fail(f"{where}.taylor_offset",
+                        f"must be < taylor_every ({every}), found {offset}")
+        neurons = _req(d, "neurons", where)
+        if neurons != "all":
+            neurons = parse_int(neurons, f"{where}.neurons", 1)
+        obj = object.__new__(cls)
+        for name, value in (
+            ("taylor_every", every),
+            ("taylor_offset", offset),
+            ("samples_per_round", parse_int(_req(d, "samples_per_round", where),
+                                            f"{where}.samples_per_round", 1)),
+            ("sample_policy", parse_str(_req(d, "sample_policy", where), f"{where}.sample_policy",
+                                        SAMPLE_POLICIES)),
+            ("neurons", neurons),
+            ("neuron_seed", parse_int(_req(d, "neuron_seed", where), f"{where}.neuron_seed", 0)),
+            ("probe_every", parse_int(_req(d, "probe_every", where), f"{where}.probe_every", 0)),
+            ("probe_size", parse_int(_req(d, "probe_size", where), f"{where}.probe_size", 0)),
+        ):
+            object.__setattr__(obj, name, value)
+        return obj
+
+    def is_taylor_round(self, n: int) -> bool:
+        return n % self.taylor_every == self.taylor_offset
+
+    def is_probe_round(self, n: int) -> bool:
+        return self.probe_every > 0 and self.probe_size > 0 and n % self.probe_every == 0
+
+
+@dataclass(frozen=True)
+class Commit:
+    """How many rows of each append dimension a reader may trust."""
+
+    rounds: int = 0
+    taylor_rounds: int = 0
+    snapshots: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "taylor_rounds": self.taylor_rounds,
+                "snapshots": self.snapshots}
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "commit") -> Commit:
+        d = parse_mapping(data, where)
+        return cls(
+            rounds=parse_int(_req(d, "rounds", where), f"{where}.rounds", 0),
+            taylor_rounds=parse_int(_req(d, "taylor_rounds", where), f"{where}.taylor_rounds", 0),
+            snapshots=parse_int(_req(d, "snapshots", where), f"{where}.snapshots", 0),
+        )
+
+
+@dataclass(frozen=True)
+class TraceAttrs:
+    """Attributes of the root group: run metadata, sampling policy and the commit record."""
+
+    loss: LossSpec
+    sampling: Sampling
+    layers: tuple[str, ...]
+    output_size: int
+    status: str = "running"
+    status_reason: str | None = None
+    commit: Commit = field(default_factory=Commit)
+    created: str = ""
+    producer: Mapping[str, Any] = field(default_factory=dict)
+    run: Mapping[str, Any] = field(default_factory=dict)
+    format_version: str = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "node": "trace",
+            "status": self.status,
+            "status_reason": self.status_reason,
+            "created": self.created,
+            "producer": dict(self.producer),
+            "run": dict(self.run),
+            "loss": self.loss.to_dict(),
+            "sampling": self.sampling.to_dict(),
+            "layers": list(self.layers),
+            "output_size": self.output_size,
+            "commit": self.commit.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "root attributes 'ntrace'") -> TraceAttrs:
+        d = parse_mapping(data, where)
+        version = _req(d, "format_version", where)
+        parse_format_version(version, f"{where}.format_version")
+        parse_str(_req(d, "node", where), f"{where}.node", ("trace",))
+        layers = parse_str_list(_req(d, "layers", where), f"{where}.layers")
+        if len(set(layers)) != len(layers):
+            raise _fail(f"{where}.layers", "layer names must be unique")
+        return cls(
+            format_version=str(version),
+            status=parse_str(_req(d, "status", where), f"{where}.status", STATUSES),
+            status_reason=parse_opt_str(d.get("status_reason"), f"{where}.status_reason"),
+            created=parse_str(_req(d, "created", where), f"{where}.created"),
+            producer=parse_mapping(_req(d, "producer", where), f"{where}.producer"),
+            run=parse_mapping(_req(d, "run", where), f"{where}.run"),
+            loss=LossSpec.from_dict(_req(d, "loss", where), f"{where}.loss"),
+            sampling=Sampling.from_dict(_req(d, "sampling", where), f"{where}.sampling"),
+            layers=layers,
+            output_size=parse_int(_req(d, "output_size", where), f"{where}.output_size", 1),
+            commit=Commit.from_dict(_req(d, "commit", where), f"{where}.commit"),
+        )
+
+
+@dataclass(frozen=True)
+class Activation:
+    """The elementwise activation applied to a layer's pre-activation ``a``.
+
+    ``negative_slope`` is the slope for ``a <= 0`` of a LeakyReLU (null otherwise; ReLU has
+    slope 0 there and identity has no mask).
+    """
+
+    kind: str
+    negative_slope: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "negative_slope": self.negative_slope}
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "activation") -> Activation:
+        d = parse_mapping(data, where)
+        kind = parse_str(_req(d, "kind", where), f"{where}.kind", ACTIVATIONS)
+        slope = d.get("negative_slope")
+        if kind == "leaky_relu":
+            slope = parse_float(slope, f"{where}.negative_slope")
+        elif slope is not None:
+            raise _fail(f"{where}.negative_slope", f"must be null for {kind}")
+        return cls(kind=kind, negative_slope=slope)
+
+    @property
+    def has_mask(self) -> bool:
+        return self.kind != "identity"
+
+
+@dataclass(frozen=True)
+class LayerAttrs:
+    """Attributes of one tracked layer group ``layers/<name>``."""
+
+    name: str
+    index: int
+    kind: str
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: Activation
+    jacobian: str
+    format_version: str = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "node": "layer",
+            "name": self.name,
+            "index": self.index,
+            "kind": self.kind,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias,
+            "activation": self.activation.to_dict(),
+            "jacobian": self.jacobian,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "layer attributes") -> LayerAttrs:
+        d = parse_mapping(data, where)
+        version = _req(d, "format_version", where)
+        parse_format_version(version, f"{where}.format_version")
+        parse_str(_req(d, "node", where), f"{where}.node", ("layer",))
+        return cls(
+            format_version=str(version),
+            name=parse_str(_req(d, "name", where), f"{where}.name"),
+            index=parse_int(_req(d, "index", where), f"{where}.index", 0),
+            kind=parse_str(_req(d, "kind", where), f"{where}.kind", ("linear",)),
+            in_features=parse_int(_req(d, "in_features", where), f"{where}.in_features", 1),
+            out_features=parse_int(_req(d, "out_features", where), f"{where}.out_features", 1),
+            bias=parse_bool(_req(d, "bias", where), f"{where}.bias"),
+            activation=Activation.from_dict(_req(d, "activation", where), f"{where}.activation"),
+            jacobian=parse_str(_req(d, "jacobian", where), f"{where}.jacobian", JACOBIAN_KINDS),
+        )
+
+
+@dataclass(frozen=True)
+class ProbeUnits:
+    """Which columns of the probe configuration belong to which layer (network order)."""
+
+    layers: tuple[str, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def offsets(self) -> tuple[int, ...]:
+        out, acc = [], 0
+        for c in self.counts:
+            out.append(acc)
+            acc += c
+        return tuple(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "node": "probe",
+            "units": [{"layer": n, "count": c} for n, c in zip(self.layers, self.counts,
+                                                               strict=True)],
+        }
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "probe attributes") -> ProbeUnits:
+        d = parse_mapping(data, where)
+        parse_format_version(_req(d, "format_version", where), f"{where}.format_version")
+        parse_str(_req(d, "node", where), f"{where}.node", ("probe",))
+        units = _req(d, "units", where)
+        if not isinstance(units, list):
+            raise _fail(f"{where}.units", "expected a list")
+        names, counts = [], []
+        for i, u in enumerate(units):
+            m = parse_mapping(u, f"{where}.units[{i}]")
+            names.append(parse_str(_req(m, "layer", f"{where}.units[{i}]"),
+                                   f"{where}.units[{i}].layer"))
+            counts.append(parse_int(_req(m, "count", f"{where}.units[{i}]"),
+                                    f"{where}.units[{i}].count", 1))
+        return cls(tuple(names), tuple(counts))
+
+
+def node_attrs(attrs: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """The ``ntrace`` sub-document of a node's attributes, or a precise error."""
+    if ATTR_KEY not in attrs:
+        raise _fail(where, f"no {ATTR_KEY!r} attribute: this is not an ntrace node")
+    return parse_mapping(attrs[ATTR_KEY], f"{where} '{ATTR_KEY}'")

@@ -1,0 +1,234 @@
+"""Reading Taylor traces: metadata eagerly (small), arrays lazily (zarr or xarray).
+
+``open_trace`` parses and checks every node's attributes and every array's metadata, never
+array data. Arrays are exposed sliced to the committed prefix (spec 'Commit protocol'), so
+a trace that is still being written, or whose writer died, reads consistently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ntrace.errors import InvalidTraceError
+from ntrace.format import layout as L
+from ntrace.format.metadata import (
+    LayerAttrs,
+    ProbeUnits,
+    TraceAttrs,
+    node_attrs,
+)
+from ntrace.format.store import open_root
+
+
+@dataclass
+class Trace:
+    """An open trace. ``attrs`` is the root document; ``layers`` maps name → LayerAttrs in
+    network order; ``layouts`` maps array path → its expected layout."""
+
+    path: Path
+    root: Any
+    attrs: TraceAttrs
+    layers: dict[str, LayerAttrs]
+    probe_units: ProbeUnits | None
+    layouts: dict[str, L.ArrayLayout] = field(default_factory=dict)
+
+    # -- committed sizes ------------------------------------------------------------------
+    @property
+    def rounds(self) -> int:
+        return self.attrs.commit.rounds
+
+    @property
+    def taylor_rounds(self) -> int:
+        return self.attrs.commit.taylor_rounds
+
+    @property
+    def snapshots(self) -> int:
+        return self.attrs.commit.snapshots
+
+    def committed(self, dim: str | None) -> int | None:
+        return None if dim is None else getattr(self.attrs.commit, L.COMMIT_FIELD[dim])
+
+    # -- arrays ---------------------------------------------------------------------------
+    def zarr_array(self, path: str) -> Any:
+        """The raw zarr array (uncommitted rows included); prefer :meth:`read`."""
+        if path not in self.layouts:
+            raise InvalidTraceError(f"{self.path}: no array {path!r} in this trace")
+        return self.root[path]
+
+    def read(self, path: str, rows: slice | int | np.ndarray | None = None) -> np.ndarray:
+        """Read committed rows of an array (all committed rows when ``rows`` is None)."""
+        arr = self.zarr_array(path)
+        n = self.committed(self.layouts[path].append_dim)
+        if n is None:
+            return np.asarray(arr[...])
+        if rows is None:
+            return np.asarray(arr[:n])
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(n)
+            return np.asarray(arr[start:stop:step] if step == 1 else arr[start:stop][::step])
+        idx = np.asarray(rows)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"{path}: row index out of the {n} committed rows")
+        if idx.ndim == 0:
+            return np.asarray(arr[int(idx) % n])
+        return np.asarray(arr.oindex[np.asarray(idx) % n])
+
+    @cached_property
+    def tracked(self) -> dict[str, np.ndarray]:
+        """Tracked neuron indices per layer (read on first use)."""
+        return {name: self.read(f"layers/{name}/tracked") for name in self.layers}
+
+    def has(self, path: str) -> bool:
+        return path in self.layouts
+
+    # -- xarray ---------------------------------------------------------------------------
+    def datatree(self) -> Any:
+        """The whole trace as a lazy ``xarray.DataTree``, cut to the committed prefix."""
+        import xarray as xr
+
+        tree = xr.open_datatree(str(self.path), engine="zarr", consolidated=False, chunks=None)
+        cuts = {dim: self.committed(dim) for dim in L.APPEND_DIMS}
+
+        def cut(ds: Any) -> Any:
+            sel = {d: slice(0, n) for d, n in cuts.items() if d in ds.dims}
+            return ds.isel(sel) if sel else ds
+
+        return tree.map_over_datasets(cut)
+
+    def dataset(self, group: str = "") -> Any:
+        """One group as a lazy ``xarray.Dataset`` cut to the committed prefix."""
+        import xarray as xr
+
+        ds = xr.open_zarr(str(self.path), group=group or None, consolidated=False, chunks=None,
+                          zarr_format=3)
+        sel = {d: slice(0, self.committed(d)) for d in L.APPEND_DIMS if d in ds.dims}
+        return ds.isel(sel) if sel else ds
+
+    def nbytes_stored(self) -> int:
+        """Bytes on disk under the trace directory."""
+        total = 0
+        for dirpath, _, files in os.walk(self.path):
+            for f in files:
+                total += os.path.getsize(os.path.join(dirpath, f))
+        return total
+
+
+def expected_layouts(attrs: TraceAttrs, layers: Mapping[str, LayerAttrs],
+                     tracked_counts: Mapping[str, int], probe: tuple[int, int, int] | None
+                     ) -> dict[str, L.ArrayLayout]:
+    """Every array the spec requires for this trace, keyed by path."""
+    lays = L.root_arrays() + L.taylor_arrays(attrs)
+    for name, la in layers.items():
+        lays += L.layer_arrays(attrs, la, tracked_counts[name])
+    if probe is not None:
+        lays += L.probe_arrays(*probe)
+    return {lay.path: lay for lay in lays}
+
+
+def load_structure(root: Any, where: str) -> tuple[TraceAttrs, dict[str, LayerAttrs],
+                                                     ProbeUnits | None,
+                                                     dict[str, L.ArrayLayout], list[str]]:
+    """Parse every node's attributes and compare array metadata with the layout.
+
+    Returns the parsed documents, the expected layouts and the list of violations found
+    (empty for a conforming trace). Raises only when the root document itself is unusable.
+    """
+    attrs = TraceAttrs.from_dict(node_attrs(root.attrs.asdict(), f"{where}: root group"))
+    reasons: list[str] = []
+    layers: dict[str, LayerAttrs] = {}
+    tracked_counts: dict[str, int] = {}
+    for i, name in enumerate(attrs.layers):
+        gpath = f"layers/{name}"
+        try:
+            g = root[gpath]
+            la = LayerAttrs.from_dict(node_attrs(g.attrs.asdict(), gpath), f"{gpath} 'ntrace'")
+        except KeyError:
+            reasons.append(f"{gpath}: group is missing (root lists layer {name!r})")
+            continue
+        except InvalidTraceError as exc:
+            reasons.append(str(exc))
+            continue
+        if la.name != name or la.index != i:
+            reasons.append(f"{gpath}: attributes name/index ({la.name!r}, {la.index}) do not "
+                           f"match position {i} of root 'layers'")
+        layers[name] = la
+        try:
+            tracked_counts[name] = int(root[f"{gpath}/tracked"].shape[0])
+        except (KeyError, IndexError):
+            reasons.append(f"{gpath}/tracked: array is missing")
+            tracked_counts[name] = 0
+    # output_size consistency: the last layer produces the network output in format 1.0
+    probe_units = None
+    probe_shape = None
+    if "probe" in root:
+        try:
+            probe_units = ProbeUnits.from_dict(node_attrs(root["probe"].attrs.asdict(), "probe"))
+            unknown = [u for u in probe_units.layers if u not in attrs.layers]
+            if unknown:
+                reasons.append(f"probe: units name layers not in the trace: {unknown}")
+            size = int(root["probe/sample_index"].shape[0])
+            feats = int(root["probe/input"].shape[1])
+            probe_shape = (size, feats, probe_units.total)
+        except InvalidTraceError as exc:
+            reasons.append(str(exc))
+        except (KeyError, IndexError):
+            reasons.append("probe: sample_index or input array is missing")
+    layouts = expected_layouts(attrs, layers, tracked_counts, probe_shape)
+    reasons += _check_arrays(root, attrs, layouts)
+    return attrs, layers, probe_units, layouts, reasons
+
+
+def _check_arrays(root: Any, attrs: TraceAttrs, layouts: Mapping[str, L.ArrayLayout]
+                  ) -> list[str]:
+    reasons = []
+    for path, lay in layouts.items():
+        try:
+            arr = root[path]
+        except KeyError:
+            reasons.append(f"{path}: array is missing")
+            continue
+        if not hasattr(arr, "shape"):
+            reasons.append(f"{path}: expected an array, found a group")
+            continue
+        dims = tuple(arr.metadata.dimension_names or ())
+        if dims != lay.dims:
+            reasons.append(f"{path}: dimension_names {list(dims)}, expected {list(lay.dims)}")
+        if str(arr.dtype) != lay.dtype:
+            reasons.append(f"{path}: dtype {arr.dtype}, expected {lay.dtype}")
+        shape = tuple(arr.shape)
+        dim = lay.append_dim
+        if dim is None:
+            if shape != lay.tail:
+                reasons.append(f"{path}: shape {shape}, expected {lay.tail}")
+            continue
+        if shape[1:] != lay.tail:
+            reasons.append(f"{path}: shape {shape}, expected (N, {', '.join(map(str, lay.tail))})"
+                           .replace(", )", ")"))
+        n = getattr(attrs.commit, L.COMMIT_FIELD[dim])
+        if not shape or shape[0] < n:
+            reasons.append(f"{path}: holds {shape[0] if shape else 0} rows along {dim} but "
+                           f"the commit record counts {n}")
+        elif attrs.status != "running" and shape[0] != n:
+            reasons.append(f"{path}: {shape[0]} rows along {dim} in a {attrs.status} trace, "
+                           f"expected exactly the {n} committed")
+    return reasons
+
+
+def open_trace(path: str | os.PathLike[str]) -> Trace:
+    """Open a trace for reading; refuse a non-conforming one with every reason found."""
+    p = Path(path)
+    root = open_root(p, "r")
+    attrs, layers, probe_units, layouts, reasons = load_structure(root, str(p))
+    if reasons:
+        raise InvalidTraceError(f"{p} is not a valid trace: {reasons[0]}"
+                                + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""),
+                                reasons)
+    return Trace(path=p, root=root, attrs=attrs, layers=layers, probe_units=probe_units,
+                 layouts=layouts)

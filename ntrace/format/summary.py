@@ -1,0 +1,103 @@
+"""What ``ntrace info`` shows, computed from metadata and file sizes (no array data)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ntrace.format.reader import open_trace
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def dir_bytes(path: str | os.PathLike[str]) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            if not f.endswith(".partial"):
+                total += os.path.getsize(os.path.join(dirpath, f))
+    return total
+
+
+@dataclass
+class Summary:
+    header: list[tuple[str, str]] = field(default_factory=list)
+    layers: list[tuple[str, ...]] = field(default_factory=list)
+    arrays: list[tuple[str, ...]] = field(default_factory=list)
+    stored: int = 0
+    raw: int = 0
+    activation_bits_stored: int = 0
+    activations: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.raw / max(self.stored, 1)
+
+    @property
+    def bits_per_activation(self) -> float:
+        return 8 * self.activation_bits_stored / max(self.activations, 1)
+
+    @property
+    def stored_human(self) -> str:
+        return human_bytes(self.stored)
+
+    @property
+    def raw_human(self) -> str:
+        return human_bytes(self.raw)
+
+
+def summarize(path: str | os.PathLike[str]) -> Summary:
+    """Everything ``ntrace info`` prints about the trace at ``path``."""
+    tr = open_trace(path)
+    a = tr.attrs
+    run = dict(a.run)
+    opt = run.get("optimizer") or {}
+    hyper = ", ".join(f"{k}={v}" for k, v in (opt.get("hyperparameters") or {}).items()
+                      if k in ("lr", "momentum", "alpha", "betas", "weight_decay", "eps"))
+    model = run.get("model") or {}
+    s = Summary()
+    status = a.status + (f" ({a.status_reason})" if a.status_reason else "")
+    s.header = [
+        ("trace", str(tr.path)),
+        ("format", f"{a.format_version} (status {status})"),
+        ("task", str(run.get("task") or "—")),
+        ("model", f"{len(a.layers)} tracked layers, {model.get('parameters', '?')} parameters, "
+                  f"{a.output_size} outputs"),
+        ("optimizer", f"{opt.get('name') or '—'} ({hyper})" if hyper else
+         str(opt.get("name") or "—")),
+        ("loss", f"{a.loss.id} ({a.loss.reduction})"),
+        ("rounds", f"{a.commit.rounds} rounds, {a.commit.taylor_rounds} with Taylor data "
+                   f"(every {a.sampling.taylor_every}, {a.sampling.samples_per_round} samples), "
+                   f"{a.commit.snapshots} probe snapshots of {a.sampling.probe_size} points"),
+        ("seed", str(run.get("seed", "—"))),
+        ("created", f"{a.created} by ntrace {a.producer.get('ntrace', '?')}, torch "
+                    f"{a.producer.get('torch', '?')} on {a.producer.get('device', '?')}"),
+    ]
+    for name, la in tr.layers.items():
+        s.layers.append((name, la.kind, f"{la.out_features}×{la.in_features}"
+                         + ("+b" if la.bias else ""), la.activation.kind,
+                         str(tr.layouts[f"layers/{name}/tracked"].tail[0]), la.jacobian))
+    for p, lay in tr.layouts.items():
+        n = tr.committed(lay.append_dim)
+        shape = lay.shape(n)
+        raw = int(np.prod(shape)) * np.dtype(lay.dtype).itemsize
+        stored = dir_bytes(tr.path / p)
+        s.arrays.append((p, ",".join(lay.dims), "×".join(map(str, shape)) or "scalar", lay.dtype,
+                         human_bytes(stored), human_bytes(raw),
+                         f"{raw / stored:.1f}" if stored else "—"))
+        s.raw += raw
+        if lay.kind == "bits":
+            s.activation_bits_stored += stored
+            units = (tr.layers[p.split("/")[1]].out_features if p.startswith("layers/")
+                     else (tr.probe_units.total if tr.probe_units else 0))
+            s.activations += int(np.prod(shape[:-1])) * units
+    s.stored = dir_bytes(tr.path)
+    return s

@@ -1,0 +1,153 @@
+"""A background thread that turns recorded tensors into trace rows.
+
+Training never waits on disk: ``submit`` puts a list of consecutive rounds on a bounded queue
+(the recorder batches loss-only rounds) and blocks only when the queue is full:
+back-pressure keeps memory bounded. Device→host copies are issued non-blocking by the caller
+into pinned memory; the thread waits on the batch's CUDA event before reading them, so the
+training stream is never synchronised on unrecorded rounds.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ntrace.errors import NonFiniteLossError, WriterError
+from ntrace.format.bits import pack
+from ntrace.format.writer import LayerRound, Snapshot, TaylorRound, TraceWriter
+
+
+@dataclass
+class PendingLayer:
+    weight: torch.Tensor
+    input: torch.Tensor
+    bias: torch.Tensor | None
+    jacobian: torch.Tensor | None
+    states: torch.Tensor | None  # bool (s, neuron): a > 0
+
+
+@dataclass
+class PendingTaylor:
+    round_index: int
+    sample_index: torch.Tensor
+    sample_loss: torch.Tensor
+    output: torch.Tensor
+    target: torch.Tensor
+    layers: dict[str, PendingLayer]
+
+
+@dataclass
+class PendingRound:
+    round_index: int
+    loss: torch.Tensor  # 0-d, host (possibly still being copied)
+    taylor: PendingTaylor | None = None
+    snapshot: torch.Tensor | None = None  # bool (probe, units)
+    event: Any = None  # on the last round of a batch: CUDA event after all its copies
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.numpy()
+
+
+class AsyncWriter:
+    """Owns a :class:`TraceWriter` and the thread that feeds it."""
+
+    _STOP = object()
+
+    def __init__(self, writer: TraceWriter, max_pending: int = 8) -> None:
+        self.writer = writer
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._abort: tuple[int, float] | None = None
+        self._thread = threading.Thread(target=self._run, name="ntrace-writer", daemon=True)
+        self._thread.start()
+
+    # -- main thread ------------------------------------------------------------------------
+    def submit(self, items: list[PendingRound]) -> None:
+        """Queue consecutive rounds (one queue slot for the whole list)."""
+        self.raise_if_failed()
+        while True:
+            try:
+                self._queue.put(items, timeout=0.5)
+                return
+            except queue.Full:
+                self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        if self._abort is not None:
+            n, value = self._abort
+            raise NonFiniteLossError(f"loss is {value} at round {n}; the trace keeps the {n} "
+                                     "rounds before it (status 'aborted')")
+        if self._error is not None:
+            err = self._error
+            if isinstance(err, WriterError):
+                raise err
+            raise WriterError(f"the trace writer failed: {err}") from err
+
+    def close(self, status: str = "complete", reason: str | None = None) -> None:
+        """Drain the queue, then close the trace with ``status`` (unless already aborted)."""
+        if self._thread.is_alive():
+            self._queue.put(self._STOP)
+            self._thread.join()
+        if self._abort is not None:
+            return  # the thread already closed the trace as aborted
+        if self._error is not None:
+            status, reason = "aborted", f"writer failed: {self._error}"
+        try:
+            self.writer.close(status, reason)
+        except WriterError:
+            if self._error is None:
+                raise
+
+    # -- writer thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            if self._error is not None or self._abort is not None:
+                continue  # drain without writing after a failure
+            try:
+                if item and item[-1].event is not None:
+                    item[-1].event.synchronize()  # recorded after the batch's copies
+                for one in item:
+                    self._write(one)
+                    if self._abort is not None:
+                        break
+            except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+                self._error = exc
+
+    def _write(self, item: PendingRound) -> None:
+        loss = float(item.loss)
+        if not math.isfinite(loss):
+            self._abort = (item.round_index, loss)
+            self.writer.close("aborted", f"loss is {loss} at round {item.round_index}")
+            return
+        taylor = None
+        if item.taylor is not None:
+            t = item.taylor
+            taylor = TaylorRound(
+                round_index=t.round_index,
+                sample_index=t.sample_index.numpy(),
+                sample_loss=t.sample_loss.numpy(),
+                output=t.output.numpy(),
+                target=t.target.numpy(),
+                layers={
+                    name: LayerRound(
+                        weight=lr.weight.numpy(), input=lr.input.numpy(), bias=_np(lr.bias),
+                        jacobian=_np(lr.jacobian),
+                        mask=None if lr.states is None else pack(lr.states.numpy()),
+                    )
+                    for name, lr in t.layers.items()
+                },
+            )
+        snap = None
+        if item.snapshot is not None:
+            snap = Snapshot(item.round_index, pack(item.snapshot.numpy()))
+        self.writer.write_round(loss, taylor, snap)

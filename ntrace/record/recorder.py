@@ -1,0 +1,347 @@
+"""The recording API: wrap a training loop and write a Taylor trace.
+
+    with ntrace.record(model, "run.zarr", loss="mse", optimizer=opt) as rec:
+        for x, y, idx in loader:
+            out = model(x)
+            loss = loss_fn(out, y)
+            rec.step(loss, out, y, indices=idx)   # after forward, before optimizer.step()
+            opt.zero_grad(); loss.backward(); opt.step()
+
+Round ``n`` is the n-th call of :meth:`Recorder.step`; ``W_n`` are the weights its forward
+used, read before the optimizer updates them. On Taylor rounds the forward hooks keep the
+layer inputs and pre-activations; the Jacobians follow by the backward recursion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import types
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ntrace import __version__
+from ntrace.errors import LossMismatchError, NonFiniteLossError, NtraceError, UsageError
+from ntrace.format.metadata import LOSS_IDS, LayerAttrs, LossSpec, ProbeUnits, Sampling, TraceAttrs
+from ntrace.format.store import prepare_output
+from ntrace.format.writer import ProbeSetup, TraceWriter
+from ntrace.record.async_writer import AsyncWriter, PendingLayer, PendingRound, PendingTaylor
+from ntrace.record.chain import ChainLayer, Watcher, discover
+from ntrace.record.jacobian import jacobians_recursive
+from ntrace.record.losses import per_sample_loss
+
+LOSS_CHECK_RTOL = 1e-4
+MAX_BATCHED_ROUNDS = 64  # loss-only rounds handed to the writer thread together
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return _json_safe(value.item())
+    return repr(value)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Name and hyper-parameters (first parameter group) in JSON form."""
+    if optimizer is None:
+        return {"name": None, "hyperparameters": {}}
+    group = optimizer.param_groups[0]
+    hyper = {k: _json_safe(v) for k, v in group.items() if k != "params"}
+    return {"name": type(optimizer).__name__.lower(), "hyperparameters": hyper}
+
+
+def producer_info(device: torch.device) -> dict[str, Any]:
+    import zarr
+
+    info = {"ntrace": __version__, "torch": torch.__version__, "zarr": zarr.__version__,
+            "numpy": np.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _to_host(t: torch.Tensor, copy: bool = True) -> torch.Tensor:
+    """A host copy of ``t``: a clone on CPU, a non-blocking copy into pinned memory on CUDA."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return t.clone() if copy else t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+class Recorder:
+    """Records a Taylor trace of a model trained by the caller's own loop.
+
+    ``sampling`` sets the cadence (Taylor data every k rounds on s samples; tracked neurons);
+    ``probe`` (D inputs) with ``probe_every`` (rounds; ``None`` = auto: once per epoch when
+    ``rounds_per_epoch`` is known, and at least 64 snapshots over ``expected_rounds``)
+    records activation configurations. See ``spec/taylor-trace.md`` for what lands on disk.
+    """
+
+    def __init__(self, model: nn.Module, path: str | os.PathLike[str], *, loss: str = "mse",
+                 optimizer: torch.optim.Optimizer | None = None, sampling: Sampling | None = None,
+                 probe: torch.Tensor | None = None, probe_index: Any = None,
+                 probe_every: int | None = None, expected_rounds: int | None = None,
+                 rounds_per_epoch: int | None = None, run: Mapping[str, Any] | None = None,
+                 overwrite: bool = False, max_pending: int = 8) -> None:
+        if loss not in LOSS_IDS:
+            raise UsageError(f"unknown loss {loss!r}; use one of {', '.join(LOSS_IDS)}")
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"model must be a torch.nn.Module, found {type(model).__name__}")
+        self.model = model
+        self.path = prepare_output(path, overwrite)
+        self.loss_spec = LossSpec(loss)
+        self.optimizer = optimizer
+        sampling = sampling or Sampling()
+        self.probe = None if probe is None else probe.detach()
+        if self.probe is not None:
+            if self.probe.ndim < 2 or len(self.probe) == 0:
+                raise UsageError("probe must be a non-empty batch of inputs (D, ...)")
+            every = probe_every or sampling.probe_every or _auto_probe_every(
+                expected_rounds, rounds_per_epoch)
+            sampling = replace(sampling, probe_every=every, probe_size=len(self.probe))
+            if probe_index is None:
+                probe_index = np.full(len(self.probe), -1)
+            self.probe_index = np.asarray(probe_index, dtype=np.int64)
+            if self.probe_index.shape != (len(self.probe),):
+                raise UsageError("probe_index must hold one dataset index per probe input")
+        else:
+            sampling = replace(sampling, probe_every=0, probe_size=0)
+        self.sampling = sampling
+        self.expected_rounds = expected_rounds
+        self.run_info = dict(run or {})
+        self.max_pending = max_pending
+        self.round = 0
+        self.layers: list[ChainLayer] = []
+        self.tracked: dict[str, torch.Tensor] = {}
+        self._mask_layers: list[ChainLayer] = []
+        self._writer: AsyncWriter | None = None
+        self._device: torch.device | None = None
+        self._closed = False
+        self._skipped_small = 0
+        self._batch: list[PendingRound] = []
+        self._watcher = Watcher(model)
+
+    # -- context manager ----------------------------------------------------------------------
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: types.TracebackType | None) -> None:
+        if exc is None:
+            self.close()
+        elif isinstance(exc, NonFiniteLossError):
+            self.close("aborted", str(exc))
+        elif isinstance(exc, KeyboardInterrupt):
+            self.close("aborted", "interrupted by the user")
+        else:
+            self.close("aborted", f"{type(exc).__name__}: {exc}")
+
+    # -- the per-round call ---------------------------------------------------------------
+    def step(self, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor,
+             indices: torch.Tensor | np.ndarray | None = None) -> None:
+        """Record round ``self.round``: call after the forward, before ``optimizer.step()``."""
+        if self._closed:
+            raise UsageError("the recorder is closed")
+        n = self.round
+        if self._writer is not None:
+            self._writer.raise_if_failed()
+        log = self._watcher.log
+        first = self._writer is None
+        if first:
+            self._start(log, loss, output, target)
+        assert self._writer is not None
+        on_cpu = output.device.type == "cpu"
+        if on_cpu:
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                self.close("aborted", f"loss is {value} at round {n}")
+                raise NonFiniteLossError(f"loss is {value} at round {n}; the trace keeps the {n} "
+                                         "rounds before it (status 'aborted')")
+        pending = PendingRound(n, _to_host(loss.reshape(()), copy=False))
+        s = self.sampling.samples_per_round
+        if self.sampling.is_taylor_round(n):
+            if output.shape[0] < s:
+                self._skipped_small += 1
+            else:
+                if log.output is not output:
+                    raise UsageError(
+                        "the output passed to step() is not the one of the model's latest "
+                        "forward: call step(loss, model(x), y) right after that forward")
+                pending.taylor = self._taylor(n, log, output, target, indices)
+        if self.sampling.is_probe_round(n):
+            pending.snapshot = self._snapshot()
+        self._batch.append(pending)
+        if pending.taylor is not None or pending.snapshot is not None or \
+                len(self._batch) >= MAX_BATCHED_ROUNDS:
+            self._submit()
+        self.round += 1
+        self._watcher.capture = self.sampling.is_taylor_round(self.round)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _start(self, log: Any, loss: torch.Tensor, output: torch.Tensor,
+               target: torch.Tensor) -> None:
+        """Round 0: find the chain, check the loss declaration, create the trace."""
+        if output.ndim != 2:
+            raise UsageError(f"the model output must be (batch, outputs); found shape "
+                             f"{tuple(output.shape)} (flatten it in the model)")
+        self.layers = discover(log, self.model)
+        self._device = output.device
+        with torch.no_grad():
+            mine = per_sample_loss(self.loss_spec.id, output.detach(), target.detach()).mean()
+            theirs = loss.detach().reshape(())
+            ok = torch.isclose(mine, theirs.to(mine.dtype), rtol=LOSS_CHECK_RTOL, atol=1e-7)
+            if not bool(ok) and bool(torch.isfinite(theirs)):
+                raise LossMismatchError(
+                    f"the loss passed to step() ({float(theirs):.6g}) is not the mean "
+                    f"{self.loss_spec.id!r} loss of the outputs and targets ({float(mine):.6g}); "
+                    "declare the loss you train with (loss='mse' or 'cross_entropy', "
+                    "reduction mean)")
+        layer_attrs = []
+        rng = np.random.default_rng(self.sampling.neuron_seed)
+        last = len(self.layers) - 1
+        for i, cl in enumerate(self.layers):
+            n_out, n_in, has_bias = cl.handler.shape(cl.module)
+            k = self.sampling.neurons
+            if k == "all" or int(k) >= n_out:
+                idx = np.arange(n_out)
+            else:
+                idx = np.sort(rng.choice(n_out, size=int(k), replace=False))
+            self.tracked[cl.name] = torch.as_tensor(idx, device=self._device)
+            identity = i == last and cl.activation.kind == "identity"
+            layer_attrs.append(LayerAttrs(
+                name=cl.name, index=i, kind=cl.handler.kind, in_features=n_in,
+                out_features=n_out, bias=has_bias, activation=cl.activation,
+                jacobian="identity" if identity else "stored"))
+        self._mask_layers = [cl for cl in self.layers if cl.activation.has_mask]
+        probe_setup = None
+        if self.probe is not None:
+            self.probe = self.probe.to(self._device)
+            units = ProbeUnits(tuple(c.name for c in self._mask_layers),
+                               tuple(c.handler.shape(c.module)[0] for c in self._mask_layers))
+            if not units.layers:
+                raise UsageError("a probe set was given but the model has no hidden activation")
+            features = self.probe.reshape(len(self.probe), -1).cpu().float().numpy()
+            probe_setup = ProbeSetup(self.probe_index, features, units)
+        params = sum(p.numel() for p in self.model.parameters())
+        run = {"model": {"description": str(self.model), "parameters": params},
+               "optimizer": describe_optimizer(self.optimizer),
+               "expected_rounds": self.expected_rounds, **self.run_info}
+        attrs = TraceAttrs(loss=self.loss_spec, sampling=self.sampling,
+                           layers=tuple(c.name for c in self.layers),
+                           output_size=int(output.shape[1]),
+                           producer=producer_info(self._device), run=_json_safe(run))
+        json.dumps(attrs.to_dict())  # fail here, not in the writer thread, if not JSON
+        writer = TraceWriter.create(self.path, attrs, layer_attrs,
+                                    {k: v.cpu().numpy() for k, v in self.tracked.items()},
+                                    probe_setup, expected_rounds=self.expected_rounds,
+                                    overwrite=True)
+        self._writer = AsyncWriter(writer, self.max_pending)
+
+    @torch.no_grad()
+    def _taylor(self, n: int, log: Any, output: torch.Tensor, target: torch.Tensor,
+                indices: Any) -> PendingTaylor:
+        s = self.sampling.samples_per_round
+        calls = log.calls
+        weights = [cl.handler.weight(cl.module).detach() for cl in self.layers]
+        pre = [calls[cl.call_index].output[:s].detach() for cl in self.layers]
+        jacs = jacobians_recursive(weights, [cl.activation for cl in self.layers], pre)
+        layers = {}
+        for cl, W, a, J in zip(self.layers, weights, pre, jacs, strict=True):
+            bias = cl.handler.bias(cl.module)
+            x = calls[cl.call_index].input[:s].detach().reshape(s, -1)
+            layers[cl.name] = PendingLayer(
+                weight=_to_host(W), input=_to_host(x),
+                bias=None if bias is None else _to_host(bias),
+                jacobian=None if J is None else _to_host(J[..., self.tracked[cl.name]], False),
+                states=_to_host(a > 0, False) if cl.activation.has_mask else None,
+            )
+        out = output[:s].detach()
+        tgt = target[:s].detach()
+        if self.loss_spec.id == "cross_entropy":
+            tgt = tgt.long()
+        sample_loss = per_sample_loss(self.loss_spec.id, out, tgt)
+        if indices is None:
+            idx = torch.full((s,), -1, dtype=torch.int64)
+        else:
+            idx = torch.as_tensor(np.asarray(indices)[:s] if not isinstance(indices, torch.Tensor)
+                                  else indices[:s]).to(torch.int64)
+        return PendingTaylor(n, _to_host(idx), _to_host(sample_loss, False), _to_host(out),
+                             _to_host(tgt.float() if self.loss_spec.id == "mse" else tgt),
+                             layers)
+
+    def _submit(self) -> None:
+        if not self._batch or self._writer is None:
+            return
+        last = self._batch[-1]
+        if self._device is not None and self._device.type == "cuda":
+            last.event = torch.cuda.Event()
+            last.event.record()  # after every copy of the batch was issued
+        batch, self._batch = self._batch, []
+        self._writer.submit(batch)
+
+    @torch.no_grad()
+    def _snapshot(self) -> torch.Tensor:
+        assert self.probe is not None
+        self._watcher.capture = True
+        self.model(self.probe)
+        calls = self._watcher.log.calls
+        states = torch.cat([calls[cl.call_index].output.reshape(len(self.probe), -1) > 0
+                            for cl in self._mask_layers], dim=1)
+        return _to_host(states, False)
+
+    def close(self, status: str = "complete", reason: str | None = None) -> None:
+        """Flush every pending round and close the trace with ``status``."""
+        if self._closed:
+            return
+        self._closed = True
+        self._watcher.remove()
+        if self._writer is not None:
+            try:
+                self._submit()
+            except NtraceError:
+                if status == "complete":
+                    raise
+            self._writer.close(status, reason)
+            if status == "complete":
+                self._writer.raise_if_failed()
+
+    @property
+    def trace_path(self) -> str:
+        return str(self.path)
+
+
+def _auto_probe_every(expected_rounds: int | None, rounds_per_epoch: int | None) -> int:
+    """Once per epoch, but at least 64 snapshots over the run (the exploration metric uses
+    50 singular values after centring)."""
+    if expected_rounds is None:
+        if rounds_per_epoch is None:
+            raise UsageError("probe_every is needed when neither expected_rounds nor "
+                             "rounds_per_epoch is given")
+        return rounds_per_epoch
+    every = max(1, expected_rounds // 64)
+    if rounds_per_epoch:
+        every = min(every, rounds_per_epoch)
+    return every
+
+
+def record(model: nn.Module, path: str | os.PathLike[str], **options: Any) -> Recorder:
+    """Start recording ``model`` to ``path``; see :class:`Recorder` for the options."""
+    return Recorder(model, path, **options)
+
+

@@ -1,0 +1,161 @@
+"""Running a built-in task: train it with the recorder attached."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ntrace.errors import UsageError
+from ntrace.format.metadata import Sampling
+from ntrace.record.recorder import Recorder
+from ntrace.tasks.registry import Task
+
+OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam", "adagrad")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything a task run needs besides the task itself (the CLI builds one of these)."""
+
+    out: str
+    optimizer: str = "sgd"
+    lr: float | None = None
+    epochs: int | None = None
+    steps: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    data_dir: str | None = None
+    overwrite: bool = False
+    sampling: Sampling | None = None  # None: the task's default
+    probe_size: int | None = None  # None: the task's default
+    probe_every: int | None = None
+    record: bool = True
+
+
+@dataclass
+class Progress:
+    """What a progress callback is told after each round."""
+
+    round: int
+    total: int
+    loss: float | None
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class RunResult:
+    rounds: int
+    seconds: float
+    final_loss: float
+    path: str | None
+
+
+def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr)
+    raise UsageError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} requested but CUDA is not available here; "
+                         "use --device cpu")
+    return dev
+
+
+def run_task(task: Task, opts: RunOptions,
+             progress: Callable[[Progress], None] | None = None) -> RunResult:
+    """Train ``task`` for the requested epochs/steps, recording to ``opts.out``."""
+    if opts.optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {opts.optimizer!r}; choose one of: "
+                         f"{', '.join(OPTIMIZERS)}")
+    if opts.epochs is not None and opts.steps is not None:
+        raise UsageError("give --epochs or --steps, not both")
+    lr = opts.lr if opts.lr is not None else task.learning_rates[opts.optimizer]
+    if not lr > 0 or not math.isfinite(lr):
+        raise UsageError(f"--lr must be a positive number, found {lr}")
+    device = resolve_device(opts.device)
+    x_np, y_np = task.load(opts.data_dir)
+    n = len(x_np)
+    bs = task.batch_size
+    if n < bs:
+        raise UsageError(f"data set has {n} samples, fewer than one batch of {bs}")
+    per_epoch = n // bs  # the last partial batch is dropped: every round has bs samples
+    total = opts.steps if opts.steps is not None else per_epoch * (opts.epochs or task.epochs)
+    if total < 1:
+        raise UsageError("nothing to train: --steps/--epochs must be at least 1")
+
+    torch.manual_seed(opts.seed)
+    gen = torch.Generator().manual_seed(opts.seed)
+    model = task.build(x_np.shape[1]).to(device)
+    optimizer = make_optimizer(opts.optimizer, model.parameters(), lr)
+    x = torch.as_tensor(x_np, device=device)
+    y = torch.as_tensor(x_np if task.target == "input" else y_np, device=device)
+    loss_fn: Callable[..., torch.Tensor] = (torch.nn.functional.mse_loss if task.loss == "mse"
+                                            else torch.nn.functional.cross_entropy)
+    rec: Recorder | None = None
+    if opts.record:
+        probe_size = task.probe_size if opts.probe_size is None else opts.probe_size
+        probe_idx = np.sort(np.random.default_rng(opts.seed).choice(
+            n, size=min(probe_size, n), replace=False)) if probe_size > 0 else None
+        rec = Recorder(
+            model, opts.out, loss=task.loss, optimizer=optimizer,
+            sampling=opts.sampling or task.sampling,
+            probe=None if probe_idx is None else x[torch.as_tensor(probe_idx, device=device)],
+            probe_index=probe_idx, probe_every=opts.probe_every, expected_rounds=total,
+            rounds_per_epoch=per_epoch, overwrite=opts.overwrite,
+            run={"task": task.name, "seed": opts.seed, "batch_size": bs,
+                 "epochs": math.ceil(total / per_epoch),
+                 "dataset": task.describe_data(x_np, opts.data_dir),
+                 "learning_rate": lr, "optimizer_choice": opts.optimizer},
+        )
+    start = time.perf_counter()
+    last = float("nan")
+    done = 0
+    try:
+        while done < total:
+            order = torch.randperm(n, generator=gen)
+            for b in range(per_epoch):
+                if done >= total:
+                    break
+                idx = order[b * bs:(b + 1) * bs]
+                idx_dev = idx.to(device)
+                xb, yb = x[idx_dev], y[idx_dev]
+                out = model(xb)
+                loss = loss_fn(out, yb)
+                if rec is not None:
+                    rec.step(loss, out, yb, indices=idx)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                done += 1
+                if progress is not None:
+                    progress(Progress(done, total, None, time.perf_counter() - start))
+        last = float(loss.detach())
+        if rec is not None:
+            rec.close()
+    except BaseException as exc:
+        if rec is not None:
+            rec.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    return RunResult(done, time.perf_counter() - start, last,
+                     os.fspath(opts.out) if opts.record else None)
