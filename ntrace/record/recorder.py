@@ -90,7 +90,9 @@ class Recorder:
     ``sampling`` sets the cadence (Taylor data every k rounds on s samples; tracked neurons);
     ``probe`` (D inputs) with ``probe_every`` (rounds; ``None`` = auto: once per epoch when
     ``rounds_per_epoch`` is known, and at least 64 snapshots over ``expected_rounds``)
-    records activation configurations. See ``spec/taylor-trace.md`` for what lands on disk.
+    records activation configurations. ``max_pending`` bounds the batches queued for the
+    writer thread; ``commit_seconds`` how stale the committed prefix may get. See
+    ``spec/taylor-trace.md`` for what lands on disk.
     """
 
     def __init__(self, model: nn.Module, path: str | os.PathLike[str], *, loss: str = "mse",
@@ -98,7 +100,8 @@ class Recorder:
                  probe: torch.Tensor | None = None, probe_index: Any = None,
                  probe_every: int | None = None, expected_rounds: int | None = None,
                  rounds_per_epoch: int | None = None, run: Mapping[str, Any] | None = None,
-                 overwrite: bool = False, max_pending: int = 8) -> None:
+                 overwrite: bool = False, max_pending: int = 8,
+                 commit_seconds: float = 1.0) -> None:
         if loss not in LOSS_IDS:
             raise UsageError(f"unknown loss {loss!r}; use one of {', '.join(LOSS_IDS)}")
         if not isinstance(model, nn.Module):
@@ -126,6 +129,7 @@ class Recorder:
         self.expected_rounds = expected_rounds
         self.run_info = dict(run or {})
         self.max_pending = max_pending
+        self.commit_seconds = commit_seconds
         self.round = 0
         self.layers: list[ChainLayer] = []
         self.tracked: dict[str, torch.Tensor] = {}
@@ -250,7 +254,7 @@ class Recorder:
         writer = TraceWriter.create(self.path, attrs, layer_attrs,
                                     {k: v.cpu().numpy() for k, v in self.tracked.items()},
                                     probe_setup, expected_rounds=self.expected_rounds,
-                                    overwrite=True)
+                                    overwrite=True, commit_seconds=self.commit_seconds)
         self._writer = AsyncWriter(writer, self.max_pending)
 
     @torch.no_grad()

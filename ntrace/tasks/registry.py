@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,13 +18,14 @@ AUTOENCODER_HIDDEN = (50, 30, 20, 30, 50)
 
 
 def mlp(sizes: tuple[int, ...]) -> nn.Sequential:
-    """Linear layers of the given widths with ReLU between them and a linear output."""
-    mods: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        mods.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            mods.append(nn.ReLU())
-    return nn.Sequential(*mods)
+    """Linear layers ``fc1, fc2, …`` of the given widths with ReLU between them and a linear
+    output (the names become the trace's layer groups)."""
+    mods: OrderedDict[str, nn.Module] = OrderedDict()
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True), start=1):
+        mods[f"fc{i}"] = nn.Linear(a, b)
+        if i < len(sizes) - 1:
+            mods[f"relu{i}"] = nn.ReLU()
+    return nn.Sequential(mods)
 
 
 def autoencoder(inputs: int) -> nn.Sequential:

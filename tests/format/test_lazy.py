@@ -1,0 +1,67 @@
+"""Opening a trace reads metadata only; a row read touches only its chunks; plain xarray
+opens a trace without ntrace."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xarray as xr
+import zarr.storage
+
+from ntrace.format.reader import open_trace
+
+
+@pytest.fixture
+def store_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    keys: list[str] = []
+    original = zarr.storage.LocalStore.get
+
+    async def counting(self: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+        keys.append(key)
+        return await original(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", counting)
+    yield keys
+
+
+def chunk_keys(keys: list[str]) -> list[str]:
+    return [k for k in keys if not k.endswith("zarr.json")]
+
+
+def test_open_reads_metadata_only(ae_trace: Path, store_reads: list[str]) -> None:
+    tr = open_trace(ae_trace)
+    assert store_reads, "the counting store saw no reads"
+    assert chunk_keys(store_reads) == []
+    assert tr.taylor_rounds == 20
+
+
+def test_a_row_reads_only_its_chunks(ae_trace: Path, store_reads: list[str]) -> None:
+    tr = open_trace(ae_trace)
+    store_reads.clear()
+    tr.read("layers/fc3/jacobian", 13)
+    chunks = chunk_keys(store_reads)
+    assert len(chunks) == 1 and chunks[0].startswith("layers/fc3/jacobian/c/")
+
+
+def test_plain_xarray_opens_a_finished_trace(ae_trace: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no consolidated-metadata fallback warning
+        tree = xr.open_datatree(ae_trace, engine="zarr")
+    ds = tree["layers/fc2"].to_dataset()
+    assert ds["jacobian"].dims == ("taylor_round", "sample", "output_unit", "tracked")
+    assert ds.sizes["taylor_round"] == 20 and ds.sizes["tracked"] == 30
+    assert tree.attrs["ntrace"]["format_version"] == "1.0"
+
+
+def test_lazy_xarray_views_are_cut_to_the_commit(ae_trace: Path,
+                                                 store_reads: list[str]) -> None:
+    tr = open_trace(ae_trace)
+    tree = tr.datatree()
+    store_reads.clear()
+    w = tree["layers/fc1"]["weight"].isel(taylor_round=4).values
+    assert w.shape == (50, 64)
+    assert all(k.startswith("layers/fc1/weight/") for k in chunk_keys(store_reads))
