@@ -139,6 +139,7 @@ class Recorder:
         self._closed = False
         self._skipped_small = 0
         self._batch: list[PendingRound] = []
+        self._loss_buffer: torch.Tensor | None = None
         self._watcher = Watcher(model)
 
     # -- context manager ----------------------------------------------------------------------
@@ -177,7 +178,7 @@ class Recorder:
                 self.close("aborted", f"loss is {value} at round {n}")
                 raise NonFiniteLossError(f"loss is {value} at round {n}; the trace keeps the {n} "
                                          "rounds before it (status 'aborted')")
-        pending = PendingRound(n, _to_host(loss.reshape(()), copy=False))
+        pending = PendingRound(n, self._stage_loss(loss))
         s = self.sampling.samples_per_round
         if self.sampling.is_taylor_round(n):
             if output.shape[0] < s:
@@ -289,11 +290,28 @@ class Recorder:
                              _to_host(tgt.float() if self.loss_spec.id == "mse" else tgt),
                              layers)
 
+    def _stage_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The round's loss for the writer. On CUDA it goes into a device buffer, copied to
+        pinned memory once per batch in :meth:`_submit`: no sync, one host copy per batch."""
+        value = loss.detach().reshape(())
+        if value.device.type == "cpu":
+            return value
+        if self._loss_buffer is None:
+            self._loss_buffer = torch.empty(MAX_BATCHED_ROUNDS, dtype=torch.float32,
+                                            device=value.device)
+        i = len(self._batch)
+        self._loss_buffer[i].copy_(value)
+        return self._loss_buffer[i]  # replaced by its host copy in _submit
+
     def _submit(self) -> None:
         if not self._batch or self._writer is None:
             return
         last = self._batch[-1]
         if self._device is not None and self._device.type == "cuda":
+            assert self._loss_buffer is not None
+            host = _to_host(self._loss_buffer[: len(self._batch)], copy=False)
+            for i, item in enumerate(self._batch):
+                item.loss = host[i]
             last.event = torch.cuda.Event()
             last.event.record()  # after every copy of the batch was issued
         batch, self._batch = self._batch, []
