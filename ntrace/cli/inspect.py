@@ -55,7 +55,7 @@ def validate(trace: str, quick: bool) -> None:
     from ntrace.format.validate import validate_trace
 
     console = Console(stderr=True)
-    with Progress(console=console, transient=True) as bar:
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
         job = bar.add_task("validating", total=None)
         report = validate_trace(trace, deep=not quick,
                                 progress=lambda done, total: bar.update(job, completed=done,

@@ -85,8 +85,9 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
     defaults = spec.sampling
     try:
         sampling = Sampling(
-            taylor_every=taylor_every or defaults.taylor_every,
-            samples_per_round=samples_per_round or defaults.samples_per_round,
+            taylor_every=defaults.taylor_every if taylor_every is None else taylor_every,
+            samples_per_round=(defaults.samples_per_round if samples_per_round is None
+                               else samples_per_round),
             neurons=n_neurons,
         )
     except ValueError as exc:
@@ -100,7 +101,8 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]:>6.0f} rounds/s  {task.fields[size]:>9s}"),
                TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
+    with Progress(*columns, console=console, transient=True,
+                  disable=not console.is_terminal) as bar:
         job = bar.add_task(f"recording {task}", total=None, rate=0.0, size="")
         last = [0.0]
 

@@ -73,10 +73,13 @@ def parse_mapping(data: object, where: str) -> Mapping[str, Any]:
     return data
 
 
-def parse_str_list(data: object, where: str) -> tuple[str, ...]:
-    if not isinstance(data, list | tuple):
-        raise _fail(where, f"expected a list of strings, found {type(data).__name__}")
-    return tuple(parse_str(item, f"{where}[{i}]") for i, item in enumerate(data))
+def parse_layer_name(data: object, where: str) -> str:
+    """A layer (group) name: non-empty, no '/' (it would name a nested group), not '.'/'..'."""
+    name = parse_str(data, where)
+    if not name or "/" in name or name in (".", ".."):
+        raise _fail(where, f"layer name {name!r} must be non-empty, contain no '/' and not be "
+                           "'.' or '..'")
+    return name
 
 
 def parse_format_version(data: object, where: str = "format_version") -> tuple[int, int]:
@@ -255,7 +258,10 @@ class TraceAttrs:
         version = _req(d, "format_version", where)
         parse_format_version(version, f"{where}.format_version")
         parse_str(_req(d, "node", where), f"{where}.node", ("trace",))
-        layers = parse_str_list(_req(d, "layers", where), f"{where}.layers")
+        raw = _req(d, "layers", where)
+        if not isinstance(raw, list | tuple):
+            raise _fail(f"{where}.layers", f"expected a list of names, found {type(raw).__name__}")
+        layers = tuple(parse_layer_name(n, f"{where}.layers[{i}]") for i, n in enumerate(raw))
         if len(set(layers)) != len(layers):
             raise _fail(f"{where}.layers", "layer names must be unique")
         return cls(
@@ -339,7 +345,7 @@ class LayerAttrs:
         parse_str(_req(d, "node", where), f"{where}.node", ("layer",))
         return cls(
             format_version=str(version),
-            name=parse_str(_req(d, "name", where), f"{where}.name"),
+            name=parse_layer_name(_req(d, "name", where), f"{where}.name"),
             index=parse_int(_req(d, "index", where), f"{where}.index", 0),
             kind=parse_str(_req(d, "kind", where), f"{where}.kind", ("linear",)),
             in_features=parse_int(_req(d, "in_features", where), f"{where}.in_features", 1),
@@ -387,8 +393,8 @@ class ProbeUnits:
         names, counts = [], []
         for i, u in enumerate(units):
             m = parse_mapping(u, f"{where}.units[{i}]")
-            names.append(parse_str(_req(m, "layer", f"{where}.units[{i}]"),
-                                   f"{where}.units[{i}].layer"))
+            names.append(parse_layer_name(_req(m, "layer", f"{where}.units[{i}]"),
+                                          f"{where}.units[{i}].layer"))
             counts.append(parse_int(_req(m, "count", f"{where}.units[{i}]"),
                                     f"{where}.units[{i}].count", 1))
         return cls(tuple(names), tuple(counts))

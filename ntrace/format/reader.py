@@ -23,8 +23,12 @@ from ntrace.format.metadata import (
     ProbeUnits,
     TraceAttrs,
     node_attrs,
+    parse_format_version,
+    parse_str,
 )
 from ntrace.format.store import open_root
+
+GROUP_NODES = {"taylor": "taylor", "layers": "layers"}  # group path → node kind
 
 
 @dataclass
@@ -181,8 +185,62 @@ def load_structure(root: Any, where: str) -> tuple[TraceAttrs, dict[str, LayerAt
         except (KeyError, IndexError):
             reasons.append("probe: sample_index or input array is missing")
     layouts = expected_layouts(attrs, layers, tracked_counts, probe_shape)
+    reasons += check_nodes(root, attrs, layers, probe_units)
     reasons += _check_arrays(root, attrs, layouts)
     return attrs, layers, probe_units, layouts, reasons
+
+
+def check_nodes(root: Any, attrs: TraceAttrs, layers: Mapping[str, LayerAttrs],
+                 units: ProbeUnits | None) -> list[str]:
+    """What the attribute documents must say about each other (spec 'Hierarchy')."""
+    r: list[str] = []
+    for gpath, kind in GROUP_NODES.items():
+        try:
+            doc = node_attrs(root[gpath].attrs.asdict(), f"{gpath} group")
+            parse_format_version(doc.get("format_version"), f"{gpath} 'ntrace'.format_version")
+            parse_str(doc.get("node"), f"{gpath} 'ntrace'.node", (kind,))
+        except KeyError:
+            r.append(f"{gpath}: group is missing")
+        except InvalidTraceError as exc:
+            r.append(str(exc))
+    for name in attrs.layers:
+        if "/" in name or not name:
+            r.append(f"root 'layers': layer name {name!r} must be non-empty and contain no '/'")
+    chain = [layers[n] for n in attrs.layers if n in layers]
+    if len(chain) == len(attrs.layers) and chain:
+        for prev, la in zip(chain, chain[1:], strict=False):
+            if la.in_features != prev.out_features:
+                r.append(f"layers/{la.name}: in_features {la.in_features} differs from "
+                         f"out_features {prev.out_features} of the previous layer {prev.name}")
+        last = chain[-1]
+        if last.out_features != attrs.output_size:
+            r.append(f"root output_size {attrs.output_size} differs from out_features "
+                     f"{last.out_features} of the last layer {last.name}")
+        for la in chain:
+            if la.jacobian == "identity" and (la is not last or la.activation.has_mask):
+                r.append(f"layers/{la.name}: jacobian 'identity' is only allowed on the last "
+                         "layer with an identity activation")
+    probe_size = attrs.sampling.probe_size
+    if "probe" not in root:
+        if probe_size > 0:
+            r.append(f"probe: group is missing but sampling.probe_size is {probe_size}")
+        return r
+    if probe_size == 0:
+        r.append("probe: group present but sampling.probe_size is 0")
+    try:
+        held = int(root["probe/sample_index"].shape[0])
+    except (KeyError, IndexError):
+        return r  # reported by the layout check
+    if probe_size and held != probe_size:
+        r.append(f"probe/sample_index: holds {held} probe points but sampling.probe_size is "
+                 f"{probe_size}")
+    if units is not None and len(chain) == len(attrs.layers):
+        want = [(la.name, la.out_features) for la in chain if la.activation.has_mask]
+        have = list(zip(units.layers, units.counts, strict=True))
+        if have != want:
+            r.append(f"probe: units {have} do not list every layer with a non-identity "
+                     f"activation in network order with its out_features; expected {want}")
+    return r
 
 
 def _check_arrays(root: Any, attrs: TraceAttrs, layouts: Mapping[str, L.ArrayLayout]

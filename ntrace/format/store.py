@@ -47,6 +47,8 @@ def prepare_output(path: str | os.PathLike[str], overwrite: bool) -> Path:
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         raise UsageError(f"cannot write trace {p}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write trace {p}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write trace {p}: directory {parent} is not writable")
     return p
@@ -63,7 +65,8 @@ def open_root(path: str | os.PathLike[str], mode: str = "r") -> Any:
         )
     store = zarr.storage.LocalStore(p, read_only=(mode == "r"))
     try:
-        return zarr.open_group(store=store, mode=mode, zarr_format=3)
+        # spec §2: readers never depend on consolidated metadata (it may be stale)
+        return zarr.open_group(store=store, mode=mode, zarr_format=3, use_consolidated=False)
     except Exception as exc:  # zarr raises several kinds for unreadable metadata
         from ntrace.errors import InvalidTraceError
 

@@ -6,14 +6,18 @@ Every reader returns ``(x, y)`` numpy arrays: ``x`` float32 scaled to [0, 1], ``
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from ntrace.errors import DatasetError
 
-IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+GZIP_MAGIC = b"\x1f\x8b"
+IDX_DTYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
+                              0x0E: ">f8"}
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -25,22 +29,35 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read one IDX file (optionally gzip-compressed), checking its header against its size."""
+    """Read one IDX file (gzip-compressed or raw, told by its first bytes), checking its header
+    against its size."""
     p = Path(path)
     try:
-        raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DatasetError(f"cannot read IDX file {p}: {exc}") from exc
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"cannot read IDX file {p}: {exc.strerror or exc}") from exc
+    if raw[:2] == GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DatasetError(f"cannot read IDX file {p}: the gzip stream is corrupt or "
+                               f"truncated ({exc})") from exc
+    elif p.suffix == ".gz":
+        raise DatasetError(f"cannot read IDX file {p}: it is named .gz but is not "
+                           "gzip-compressed")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
         raise DatasetError(f"{p} is not an IDX file (bad magic number); expected MNIST files "
                            "such as t10k-images-idx3-ubyte.gz")
     dtype = np.dtype(IDX_DTYPES[raw[2]])
     ndim = raw[3]
     header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise DatasetError(f"{p}: truncated IDX header")
+    if ndim == 0:
+        raise DatasetError(f"{p}: the IDX header declares 0 dimensions")
+    if len(raw) < header:
+        raise DatasetError(f"{p}: truncated IDX header ({len(raw)} bytes, {ndim} dimensions "
+                           f"need {header})")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(shape)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     if len(raw) != expected:
         raise DatasetError(f"{p}: IDX header promises shape {shape} ({expected} bytes) but the "
                            f"file holds {len(raw)} bytes; the file is truncated or corrupt")
