@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--cifar-dir", default=None, help="also check the CIFAR convnet")
     args = ap.parse_args()
     dev = torch.device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
@@ -82,8 +83,32 @@ def main() -> None:
     print("validate:", "ok" if report.ok else report.reasons)
     checked = check_trace(out_path)
     print(f"conformance: {checked} (Taylor round, layer) pairs agree with autograd")
-    if not report.ok or syncs["unrecorded"]:
+    ok = report.ok and not syncs["unrecorded"]
+    if args.cifar_dir:
+        ok &= convnet_check(args.cifar_dir, args.device)
+    if not ok:
         sys.exit(1)
+
+
+def convnet_check(data_dir: str, device: str) -> bool:
+    """The paper's CIFAR convnet recorded on the device (graph mode: reverse-mode Jacobians
+    by autograd, max-pool states), then validated and checked against autograd on the CPU."""
+    from ntrace.format.metadata import Sampling
+    from ntrace.tasks.registry import convnet
+    from ntrace.tasks.runner import RunOptions, run_task
+    from tests.record.graph_conformance import check_graph_trace
+
+    out = Path(tempfile.mkdtemp()) / "cifar.zarr"
+    res = run_task(get_task("cifar10-convnet"), RunOptions(
+        out=str(out), steps=60, data_dir=data_dir, device=device,
+        sampling=Sampling(taylor_every=10, samples_per_round=4, neurons=50)))
+    report = validate_trace(out)
+    print(f"cifar10-convnet on {device}: {res.rounds} rounds in {res.seconds:.2f} s; "
+          f"validate: {'ok' if report.ok else report.reasons}")
+    checked = check_graph_trace(out, convnet((3, 32, 32)), lambda g, t: torch.tensor(
+        g["layers/conv1/input"][t]))
+    print(f"convnet conformance: {checked} (Taylor round, layer) pairs agree with autograd")
+    return report.ok
 
 
 if __name__ == "__main__":

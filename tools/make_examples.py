@@ -220,6 +220,20 @@ def m_corrupt_chunk(p: Path) -> None:
     chunk.write_bytes(bytes(raw))
 
 
+def m_corrupt_json(p: Path) -> None:
+    doc = p / "layers/fc1/zarr.json"
+    doc.write_bytes(doc.read_bytes()[:-20])
+
+
+def m_empty_chunk(p: Path) -> None:
+    (p / "layers/fc1/weight/c/0/0/0").write_bytes(b"")
+
+
+def m_wrong_size_chunk(p: Path) -> None:
+    # a well-formed chunk (valid blosc, valid crc32c) of another array: wrong decoded size
+    (p / "layers/fc1/bias/c/0/0").write_bytes((p / "layers/fc2/weight/c/0/0/0").read_bytes())
+
+
 def m_loss_id(p: Path) -> None:
     edit_attrs(p, "", lambda a: a["loss"].update(id="hinge"))
 
@@ -353,8 +367,14 @@ EXAMPLES: list[Example] = [
             m_unknown_major),
     Example("corrupt-chunk", "tiny-mlp", "4 bytes flipped in the chunk file "
             "layers/fc1/weight/c/0/0/0, so its crc32c checksum fails", m_corrupt_chunk),
-    Example("schema-violation", "tiny-mlp", "loss.id is 'hinge' (not one of mse, "
-            "cross_entropy)", m_loss_id),
+    Example("corrupt-json", "tiny-mlp", "the last 20 bytes of layers/fc1/zarr.json cut off",
+            m_corrupt_json),
+    Example("empty-chunk", "tiny-mlp", "the chunk file layers/fc1/weight/c/0/0/0 truncated to "
+            "0 bytes", m_empty_chunk),
+    Example("wrong-size-chunk", "tiny-mlp", "a valid chunk of another array copied over "
+            "layers/fc1/bias/c/0/0: checksum fine, decoded size wrong", m_wrong_size_chunk),
+    Example("schema-violation", "tiny-mlp", "loss.id is 'hinge' (not one of the loss "
+            "identifiers)", m_loss_id),
     Example("negative-taylor-every", "tiny-mlp", "sampling.taylor_every is -3", m_negative_every),
     Example("group-attributes-missing", "tiny-mlp", "the taylor group has no 'ntrace' attribute",
             m_group_node),

@@ -57,6 +57,10 @@ def _register() -> None:
     main.add_command(record)
     main.add_command(info)
     main.add_command(validate)
+    from ntrace.cli.share import pack, verify
+
+    main.add_command(pack)
+    main.add_command(verify)
     try:
         from ntrace.cli.analyze import analyze, compare
     except ImportError:  # the analyzer is optional until it is installed

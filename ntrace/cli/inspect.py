@@ -35,7 +35,7 @@ def info(trace: str) -> None:
     arrays = Table(title="arrays", title_justify="left")
     for col, just in (("array", "left"), ("dims", "left"), ("shape", "left"), ("dtype", "left"),
                       ("stored", "right"), ("raw", "right"), ("ratio", "right")):
-        arrays.add_column(col, justify=just)  # type: ignore[arg-type]
+        arrays.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
     for row in s.arrays:
         arrays.add_row(*row)
     console.print(arrays)

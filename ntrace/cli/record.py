@@ -32,8 +32,8 @@ def _human(n: float) -> str:
 
 
 @click.command()
-@click.option("--task", default="digits-autoencoder", show_default=True,
-              help="built-in task (see `ntrace record --list-tasks`)")
+@click.option("--task", default=None,
+              help="built-in task [default: digits-autoencoder]; not with a command")
 @click.option("--out", "out", default=None, help="trace path [default: TASK-OPTIMIZER.zarr]")
 @click.option("--optimizer", default="sgd", show_default=True,
               help="sgd | momentum | rmsprop | adam | adagrad")
@@ -49,19 +49,31 @@ def _human(n: float) -> str:
               help="record Taylor data every k rounds [default: per task]")
 @click.option("--samples-per-round", type=int, default=None,
               help="samples of each recorded minibatch [default: per task]")
-@click.option("--neurons", default="all", show_default=True,
-              help="'all' or K: a seeded sample of K tracked neurons per layer")
+@click.option("--neurons", default=None,
+              help="'all' or K: a seeded sample of K tracked neurons per layer [default: per "
+                   "task]")
 @click.option("--probe-size", type=int, default=None,
               help="probe points for activation configurations, 0 = none [default: per task]")
 @click.option("--probe-every", type=int, default=None,
               help="rounds between snapshots [default: each epoch, >= 64 per run]")
+@click.option("--max-jacobian-memory", type=int, default=256, show_default=True,
+              help="MiB for one chunk of batched Jacobian products (graph models)")
+@click.option("--unsupported", type=click.Choice(["error", "warn", "skip"]), default="error",
+              show_default=True, help="what to do with modules ntrace cannot interpret")
+@click.option("--resume", "resume", type=click.Path(), default=None,
+              help="continue the built-in task run recorded in this trace from its last "
+                   "checkpoint (a killed run, or a finished one with a larger --steps)")
 @click.option("--list-tasks", is_flag=True, help="list the built-in tasks and exit")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @handle_errors
 def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs: int | None,
            steps: int | None, seed: int, device: str, data_dir: str | None, overwrite: bool,
-           taylor_every: int | None, samples_per_round: int | None, neurons: str,
-           probe_size: int | None, probe_every: int | None, list_tasks: bool) -> None:
-    """Train a built-in task and record its Taylor trace."""
+           taylor_every: int | None, samples_per_round: int | None, neurons: str | None,
+           probe_size: int | None, probe_every: int | None, max_jacobian_memory: int,
+           unsupported: str, resume: str | None, list_tasks: bool,
+           command: tuple[str, ...]) -> None:
+    """Train a built-in task and record its Taylor trace, or record an unmodified script:
+    ``ntrace record [OPTIONS] -- python train.py [ARGS]`` (or ``-- python -m MODULE``)."""
     from ntrace.errors import UsageError
     from ntrace.format.metadata import Sampling
     from ntrace.tasks import TASKS, get_task
@@ -73,31 +85,42 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
         for t in TASKS.values():
             click.echo(f"{t.name:22s} {t.description}")
         return
-    spec = get_task(task)
-    out = out or f"{task}-{optimizer}.zarr"
-    n_neurons: str | int = neurons
-    if neurons != "all":
+    if command:
+        if task is not None:
+            raise UsageError("give --task or a command after '--', not both")
+        _record_command(list(command), out or "wrapped.zarr", overwrite, taylor_every,
+                        samples_per_round, neurons, probe_size, probe_every,
+                        max_jacobian_memory, unsupported, console)
+        return
+    if resume is not None:
+        from ntrace.tasks.resume import resume_options
+
+        if task is not None or out is not None:
+            raise UsageError("--resume continues the trace it names: give neither --task nor "
+                             "--out")
+        spec, opts = resume_options(resume, steps=steps, epochs=epochs, data_dir=data_dir,
+                                    device=device)
+        task, out = spec.name, resume
+    else:
+        task = task or "digits-autoencoder"
+        spec = get_task(task)
+        out = out or f"{task}-{optimizer}.zarr"
+        defaults = spec.sampling
         try:
-            n_neurons = int(neurons)
-        except ValueError:
-            raise UsageError(f"--neurons must be 'all' or a positive integer, found {neurons!r}"
-                             ) from None
-    defaults = spec.sampling
-    try:
-        sampling = Sampling(
-            taylor_every=defaults.taylor_every if taylor_every is None else taylor_every,
-            samples_per_round=(defaults.samples_per_round if samples_per_round is None
-                               else samples_per_round),
-            neurons=n_neurons,
-        )
-    except ValueError as exc:
-        raise UsageError(f"bad sampling option: {exc}") from None
-    if sampling.samples_per_round > spec.batch_size:
-        raise UsageError(f"--samples-per-round {sampling.samples_per_round} exceeds the batch "
-                         f"size {spec.batch_size} of {task}")
-    opts = RunOptions(out=out, optimizer=optimizer, lr=lr, epochs=epochs, steps=steps, seed=seed,
-                      device=device, data_dir=data_dir, overwrite=overwrite, sampling=sampling,
-                      probe_size=probe_size, probe_every=probe_every)
+            sampling = Sampling(
+                taylor_every=defaults.taylor_every if taylor_every is None else taylor_every,
+                samples_per_round=(defaults.samples_per_round if samples_per_round is None
+                                   else samples_per_round),
+                neurons=_parse_neurons(neurons, defaults.neurons))
+        except ValueError as exc:
+            raise UsageError(f"bad sampling option: {exc}") from None
+        if sampling.samples_per_round > spec.batch_size:
+            raise UsageError(f"--samples-per-round {sampling.samples_per_round} exceeds the "
+                             f"batch size {spec.batch_size} of {task}")
+        opts = RunOptions(out=out, optimizer=optimizer, lr=lr, epochs=epochs, steps=steps,
+                          seed=seed, device=device, data_dir=data_dir, overwrite=overwrite,
+                          sampling=sampling, probe_size=probe_size, probe_every=probe_every,
+                          max_jacobian_memory=max_jacobian_memory << 20)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]:>6.0f} rounds/s  {task.fields[size]:>9s}"),
                TimeRemainingColumn())
@@ -117,3 +140,43 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
         result = run_task(spec, opts, on_round)
     console.print(f"[green]recorded[/] {result.rounds} rounds in {result.seconds:.1f} s, "
                   f"final loss {result.final_loss:.5f} → {out}")
+
+
+def _parse_neurons(neurons: str | None, default: str | int) -> str | int:
+    from ntrace.errors import UsageError
+
+    if neurons is None or neurons == "all":
+        return default if neurons is None else "all"
+    try:
+        return int(neurons)
+    except ValueError:
+        raise UsageError(f"--neurons must be 'all' or a positive integer, found {neurons!r}"
+                         ) from None
+
+
+def _record_command(command: list[str], out: str, overwrite: bool, taylor_every: int | None,
+                    samples_per_round: int | None, neurons: str | None,
+                    probe_size: int | None, probe_every: int | None, max_jacobian_memory: int,
+                    unsupported: str, console: Console) -> None:
+    from ntrace.errors import UsageError
+    from ntrace.format.metadata import Sampling
+    from ntrace.record.wrap import WrapOptions, run_wrapped
+
+    d = Sampling()
+    try:
+        sampling = Sampling(
+            taylor_every=d.taylor_every if taylor_every is None else taylor_every,
+            samples_per_round=(d.samples_per_round if samples_per_round is None
+                               else samples_per_round),
+            neurons=_parse_neurons(neurons, d.neurons))
+    except ValueError as exc:
+        raise UsageError(f"bad sampling option: {exc}") from None
+    opts = WrapOptions(out=out, sampling=sampling,
+                       probe_size=256 if probe_size is None else probe_size,
+                       probe_every=10 if probe_every is None else probe_every,
+                       overwrite=overwrite, unsupported=unsupported,
+                       max_jacobian_memory=max_jacobian_memory << 20)
+    result = run_wrapped(command, opts)
+    console.print(f"[green]recorded[/] {result.rounds} rounds of {' '.join(command)} → {out}")
+    if result.exit_code:
+        raise SystemExit(result.exit_code)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ntrace.format.bits import packed_length
-from ntrace.format.metadata import LayerAttrs, TraceAttrs
+from ntrace.format.metadata import CLASS_TARGET_LOSSES, LayerAttrs, ModuleAttrs, TraceAttrs
 
 ROUND, TAYLOR, SNAPSHOT = "round", "taylor_round", "snapshot"
 APPEND_DIMS = (ROUND, TAYLOR, SNAPSHOT)
@@ -45,7 +45,7 @@ def root_arrays() -> list[ArrayLayout]:
 def taylor_arrays(attrs: TraceAttrs) -> list[ArrayLayout]:
     s = attrs.sampling.samples_per_round
     p = attrs.output_size
-    if attrs.loss.id == "cross_entropy":
+    if attrs.loss.id in CLASS_TARGET_LOSSES:
         target = ArrayLayout("taylor/target", (TAYLOR, "sample"), "int64", (s,), "int")
     else:
         target = ArrayLayout("taylor/target", (TAYLOR, "sample", "output_unit"), "float32", (s, p))
@@ -58,25 +58,61 @@ def taylor_arrays(attrs: TraceAttrs) -> list[ArrayLayout]:
     ]
 
 
+def _axes(prefix: str, n: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i}" for i in range(n))
+
+
 def layer_arrays(attrs: TraceAttrs, layer: LayerAttrs, tracked: int) -> list[ArrayLayout]:
     """Arrays of group ``layers/<name>``; ``tracked`` is the number of tracked neurons."""
     g = f"layers/{layer.name}"
     s, p = attrs.sampling.samples_per_round, attrs.output_size
-    n, d = layer.out_features, layer.in_features
+    geo = layer.shape
+    n = geo.output_shape[0]
+    k = len(geo.positions)
+    if layer.kind == "linear":
+        w_dims: tuple[str, ...] = ("neuron", "in_feature")
+        x_dims: tuple[str, ...] = ("in_feature",)
+    elif layer.kind == "conv":
+        w_dims = ("neuron", "group_channel", *_axes("k", k))
+        x_dims = ("in_channel", *_axes("x", k))
+    elif layer.kind == "conv_transpose":
+        w_dims = ("in_channel", "group_neuron", *_axes("k", k))
+        x_dims = ("in_channel", *_axes("x", k))
+    else:  # embedding: input holds indices, one per position
+        w_dims = ("vocabulary", "neuron")
+        x_dims = _axes("x", len(geo.input_shape))
+    x_kind, x_dtype = ("int", "int64") if layer.kind == "embedding" else ("float", "float32")
     out = [
         ArrayLayout(f"{g}/tracked", ("tracked",), "int64", (tracked,), "int"),
-        ArrayLayout(f"{g}/weight", (TAYLOR, "neuron", "in_feature"), "float32", (n, d)),
+        ArrayLayout(f"{g}/weight", (TAYLOR, *w_dims), "float32", geo.weight_shape),
     ]
     if layer.bias:
         out.append(ArrayLayout(f"{g}/bias", (TAYLOR, "neuron"), "float32", (n,)))
-    out.append(ArrayLayout(f"{g}/input", (TAYLOR, "sample", "in_feature"), "float32", (s, d)))
+    out.append(ArrayLayout(f"{g}/input", (TAYLOR, "sample", *x_dims), x_dtype,
+                           (s, *geo.input_shape), x_kind))
     if layer.jacobian == "stored":
-        out.append(ArrayLayout(f"{g}/jacobian", (TAYLOR, "sample", "output_unit", "tracked"),
-                               "float32", (s, p, tracked)))
-    if layer.activation.has_mask:
-        out.append(ArrayLayout(f"{g}/mask", (TAYLOR, "sample", "neuron_byte"), "uint8",
-                               (s, packed_length(n)), "bits"))
+        out.append(ArrayLayout(f"{g}/jacobian",
+                               (TAYLOR, "sample", "output_unit", "tracked", *_axes("y", k)),
+                               "float32", (s, p, tracked, *geo.positions)))
+    act = layer.activation
+    if act.has_mask:
+        packed = (s, packed_length(geo.units))
+        out.append(ArrayLayout(f"{g}/mask", (TAYLOR, "sample", "neuron_byte"), "uint8", packed,
+                               "bits"))
+        if act.kind == "hardtanh":
+            out.append(ArrayLayout(f"{g}/mask_high", (TAYLOR, "sample", "neuron_byte"), "uint8",
+                                   packed, "bits"))
+        if act.kind == "prelu":
+            out.append(ArrayLayout(f"{g}/slope", (TAYLOR, "slope"), "float32",
+                                   (int(act.num_parameters or 1),)))
     return out
+
+
+def module_arrays(attrs: TraceAttrs, module: ModuleAttrs) -> list[ArrayLayout]:
+    """Arrays of group ``modules/<name>``: the per-sample state of a max-pool or dropout."""
+    s = attrs.sampling.samples_per_round
+    return [ArrayLayout(f"modules/{module.name}/state", (TAYLOR, "sample", "unit_byte"), "uint8",
+                        (s, packed_length(module.units)), "bits")]
 
 
 def probe_arrays(probe_size: int, features: int, units: int) -> list[ArrayLayout]:

@@ -15,13 +15,17 @@ from typing import Any
 
 from ntrace.errors import InvalidTraceError, UnsupportedVersionError
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 ATTR_KEY = "ntrace"
 
-LOSS_IDS = ("mse", "cross_entropy")
-ACTIVATIONS = ("relu", "leaky_relu", "identity")
+LOSS_IDS = ("mse", "cross_entropy", "bce_with_logits", "nll")
+CLASS_TARGET_LOSSES = ("cross_entropy", "nll")  # targets are class indices
+ACTIVATIONS = ("relu", "leaky_relu", "prelu", "hardtanh", "identity")
+LAYER_KINDS = ("linear", "conv", "conv_transpose", "embedding")
+STRUCTURES = ("chain", "graph")
+MODULE_KINDS = ("maxpool", "dropout")
 STATUSES = ("running", "complete", "aborted")
 SAMPLE_POLICIES = ("first",)
 JACOBIAN_KINDS = ("stored", "identity")
@@ -86,21 +90,20 @@ def parse_format_version(data: object, where: str = "format_version") -> tuple[i
     """Return ``(major, minor)``; refuse majors this ntrace cannot read."""
     text = parse_str(data, where)
     parts = text.split(".")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise _fail(where, f"expected 'MAJOR.MINOR', found {text!r}")
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 9 for p in parts):
+        raise _fail(where, f"expected 'MAJOR.MINOR', found {text[:40]!r}")
     major, minor = int(parts[0]), int(parts[1])
     if major != FORMAT_MAJOR:
         from ntrace import __version__
 
+        if major > FORMAT_MAJOR:
+            raise UnsupportedVersionError(
+                f"trace format version {text} is not readable by ntrace: it needs a newer "
+                f"ntrace (this is {__version__}, which reads format {FORMAT_MAJOR}.x): "
+                "pip install -U ntrace")
         raise UnsupportedVersionError(
             f"trace format version {text} is not readable by ntrace {__version__}, which reads "
-            f"format {FORMAT_MAJOR}.x; "
-            + (
-                "upgrade ntrace (pip install -U ntrace)"
-                if major > FORMAT_MAJOR
-                else "convert the trace with an older ntrace"
-            )
-        )
+            f"format {FORMAT_MAJOR}.x; convert the trace with an older ntrace")
     return major, minor
 
 
@@ -230,7 +233,10 @@ class TraceAttrs:
     output_size: int
     status: str = "running"
     status_reason: str | None = None
+    structure: str = "chain"
+    modules: tuple[str, ...] = ()
     commit: Commit = field(default_factory=Commit)
+    checkpoint: Mapping[str, Any] | None = None  # {slot, round}: the complete checkpoint
     created: str = ""
     producer: Mapping[str, Any] = field(default_factory=dict)
     run: Mapping[str, Any] = field(default_factory=dict)
@@ -249,7 +255,10 @@ class TraceAttrs:
             "sampling": self.sampling.to_dict(),
             "layers": list(self.layers),
             "output_size": self.output_size,
+            "structure": self.structure,
+            "modules": list(self.modules),
             "commit": self.commit.to_dict(),
+            "checkpoint": None if self.checkpoint is None else dict(self.checkpoint),
         }
 
     @classmethod
@@ -262,6 +271,12 @@ class TraceAttrs:
         if not isinstance(raw, list | tuple):
             raise _fail(f"{where}.layers", f"expected a list of names, found {type(raw).__name__}")
         layers = tuple(parse_layer_name(n, f"{where}.layers[{i}]") for i, n in enumerate(raw))
+        mods = d.get("modules", [])  # 1.1; absent in 1.0
+        if not isinstance(mods, list | tuple):
+            raise _fail(f"{where}.modules",
+                        f"expected a list of names, found {type(mods).__name__}")
+        modules = tuple(parse_layer_name(n, f"{where}.modules[{i}]")
+                        for i, n in enumerate(mods))
         if len(set(layers)) != len(layers):
             raise _fail(f"{where}.layers", "layer names must be unique")
         return cls(
@@ -274,24 +289,45 @@ class TraceAttrs:
             loss=LossSpec.from_dict(_req(d, "loss", where), f"{where}.loss"),
             sampling=Sampling.from_dict(_req(d, "sampling", where), f"{where}.sampling"),
             layers=layers,
+            structure=parse_str(d.get("structure", "chain"), f"{where}.structure", STRUCTURES),
+            modules=modules,
             output_size=parse_int(_req(d, "output_size", where), f"{where}.output_size", 1),
             commit=Commit.from_dict(_req(d, "commit", where), f"{where}.commit"),
+            checkpoint=_parse_checkpoint(d.get("checkpoint"), f"{where}.checkpoint"),
         )
+
+
+def _parse_checkpoint(data: object, where: str) -> Mapping[str, Any] | None:
+    if data is None:
+        return None
+    d = parse_mapping(data, where)
+    return {"slot": parse_str(_req(d, "slot", where), f"{where}.slot", ("a", "b")),
+            "round": parse_int(_req(d, "round", where), f"{where}.round", 0)}
 
 
 @dataclass(frozen=True)
 class Activation:
     """The elementwise activation applied to a layer's pre-activation ``a``.
 
-    ``negative_slope`` is the slope for ``a <= 0`` of a LeakyReLU (null otherwise; ReLU has
-    slope 0 there and identity has no mask).
+    ``relu``: max(a, 0); ``leaky_relu``: a for a > 0 else ``negative_slope``·a; ``prelu``: the
+    same with trained slopes, recorded per Taylor round in the layer's ``slope`` array
+    (``num_parameters`` of them: 1 shared or one per neuron); ``hardtanh``: clamp(a, ``min_val``,
+    ``max_val``) (ReLU6 is hardtanh(0, 6)); ``identity``: no activation, no mask.
     """
 
     kind: str
     negative_slope: float | None = None
+    min_val: float | None = None
+    max_val: float | None = None
+    num_parameters: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "negative_slope": self.negative_slope}
+        out: dict[str, Any] = {"kind": self.kind, "negative_slope": self.negative_slope}
+        if self.kind == "hardtanh":
+            out.update(min_val=self.min_val, max_val=self.max_val)
+        if self.kind == "prelu":
+            out["num_parameters"] = self.num_parameters
+        return out
 
     @classmethod
     def from_dict(cls, data: object, where: str = "activation") -> Activation:
@@ -302,11 +338,91 @@ class Activation:
             slope = parse_float(slope, f"{where}.negative_slope")
         elif slope is not None:
             raise _fail(f"{where}.negative_slope", f"must be null for {kind}")
-        return cls(kind=kind, negative_slope=slope)
+        lo = hi = None
+        if kind == "hardtanh":
+            lo = parse_float(_req(d, "min_val", where), f"{where}.min_val")
+            hi = parse_float(_req(d, "max_val", where), f"{where}.max_val")
+            if not lo < hi:
+                raise _fail(f"{where}.max_val", f"must exceed min_val ({lo}), found {hi}")
+        count = None
+        if kind == "prelu":
+            count = parse_int(_req(d, "num_parameters", where), f"{where}.num_parameters", 1)
+        return cls(kind=kind, negative_slope=slope, min_val=lo, max_val=hi, num_parameters=count)
 
     @property
     def has_mask(self) -> bool:
         return self.kind != "identity"
+
+    @property
+    def threshold(self) -> float:
+        """The state is 1 when ``a > threshold`` (spec 'Packed activations')."""
+        return float(self.min_val) if self.kind == "hardtanh" else 0.0
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shapes (per sample) and convolution parameters of a layer (format 1.1).
+
+    ``output_shape`` is ``[neurons, *positions]``: neurons are output features or channels, and
+    positions the spatial (conv) or sequence (embedding) axes over which weights are shared.
+    """
+
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    output_padding: tuple[int, ...] = ()
+    groups: int = 1
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        return self.output_shape[1:]
+
+    @property
+    def units(self) -> int:
+        """Output units: neurons × positions (the length of the unpacked mask)."""
+        n = 1
+        for v in self.output_shape:
+            n *= v
+        return n
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"input_shape": list(self.input_shape),
+                               "output_shape": list(self.output_shape),
+                               "weight_shape": list(self.weight_shape)}
+        if self.stride:
+            out.update(stride=list(self.stride), padding=list(self.padding),
+                       dilation=list(self.dilation), output_padding=list(self.output_padding),
+                       groups=self.groups)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "geometry") -> Geometry:
+        d = parse_mapping(data, where)
+
+        def shape(key: str, minimum: int = 1, required: bool = True) -> tuple[int, ...]:
+            raw = _req(d, key, where) if required else d.get(key, [])
+            if not isinstance(raw, list | tuple):
+                raise _fail(f"{where}.{key}", f"expected a list of integers, found {raw!r}")
+            return tuple(parse_int(v, f"{where}.{key}[{i}]", minimum) for i, v in enumerate(raw))
+
+        conv = "stride" in d
+        g = cls(input_shape=shape("input_shape"), output_shape=shape("output_shape"),
+                weight_shape=shape("weight_shape"),
+                stride=shape("stride", 1, conv), padding=shape("padding", 0, conv),
+                dilation=shape("dilation", 1, conv),
+                output_padding=shape("output_padding", 0, conv),
+                groups=parse_int(d.get("groups", 1), f"{where}.groups", 1))
+        if not g.output_shape:
+            raise _fail(f"{where}.output_shape", "must hold at least the number of neurons")
+        if conv:
+            k = len(g.positions)
+            for key in ("stride", "padding", "dilation", "output_padding"):
+                if len(getattr(g, key)) != k:
+                    raise _fail(f"{where}.{key}", f"expected {k} values (one per spatial axis)")
+        return g
 
 
 @dataclass(frozen=True)
@@ -321,10 +437,19 @@ class LayerAttrs:
     bias: bool
     activation: Activation
     jacobian: str
+    geometry: Geometry | None = None  # 1.1; None means linear (in_features,) → (out_features,)
     format_version: str = FORMAT_VERSION
 
+    @property
+    def shape(self) -> Geometry:
+        """The layer's geometry, derived for a plain linear layer."""
+        if self.geometry is not None:
+            return self.geometry
+        return Geometry((self.in_features,), (self.out_features,),
+                        (self.out_features, self.in_features))
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format_version": self.format_version,
             "node": "layer",
             "name": self.name,
@@ -336,6 +461,9 @@ class LayerAttrs:
             "activation": self.activation.to_dict(),
             "jacobian": self.jacobian,
         }
+        if self.geometry is not None:
+            out["geometry"] = self.geometry.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: object, where: str = "layer attributes") -> LayerAttrs:
@@ -347,13 +475,64 @@ class LayerAttrs:
             format_version=str(version),
             name=parse_layer_name(_req(d, "name", where), f"{where}.name"),
             index=parse_int(_req(d, "index", where), f"{where}.index", 0),
-            kind=parse_str(_req(d, "kind", where), f"{where}.kind", ("linear",)),
+            kind=parse_str(_req(d, "kind", where), f"{where}.kind", LAYER_KINDS),
             in_features=parse_int(_req(d, "in_features", where), f"{where}.in_features", 1),
             out_features=parse_int(_req(d, "out_features", where), f"{where}.out_features", 1),
             bias=parse_bool(_req(d, "bias", where), f"{where}.bias"),
             activation=Activation.from_dict(_req(d, "activation", where), f"{where}.activation"),
             jacobian=parse_str(_req(d, "jacobian", where), f"{where}.jacobian", JACOBIAN_KINDS),
+            geometry=_parse_geometry(d, where),
         )
+
+
+def _parse_geometry(d: Mapping[str, Any], where: str) -> Geometry | None:
+    kind = d.get("kind")
+    if "geometry" not in d:
+        if kind != "linear":
+            raise _fail(f"{where}.geometry", f"required for layers of kind {kind!r}")
+        return None
+    g = Geometry.from_dict(d["geometry"], f"{where}.geometry")
+    if (kind in ("conv", "conv_transpose")) != bool(g.stride):
+        raise _fail(f"{where}.geometry", f"stride/padding/dilation are required exactly for "
+                                         f"convolutions, layer kind is {kind!r}")
+    return g
+
+
+@dataclass(frozen=True)
+class ModuleAttrs:
+    """A parameter-free module whose per-sample state is recorded (format 1.1): ``maxpool``
+    (which input won each window) or ``dropout`` (which inputs were kept)."""
+
+    name: str
+    kind: str
+    input_shape: tuple[int, ...]
+    format_version: str = FORMAT_VERSION
+
+    @property
+    def units(self) -> int:
+        n = 1
+        for v in self.input_shape:
+            n *= v
+        return n
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": self.format_version, "node": "module", "name": self.name,
+                "kind": self.kind, "input_shape": list(self.input_shape)}
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "module attributes") -> ModuleAttrs:
+        d = parse_mapping(data, where)
+        version = _req(d, "format_version", where)
+        parse_format_version(version, f"{where}.format_version")
+        parse_str(_req(d, "node", where), f"{where}.node", ("module",))
+        raw = _req(d, "input_shape", where)
+        if not isinstance(raw, list | tuple) or not raw:
+            raise _fail(f"{where}.input_shape", "expected a non-empty list of integers")
+        return cls(name=parse_layer_name(_req(d, "name", where), f"{where}.name"),
+                   kind=parse_str(_req(d, "kind", where), f"{where}.kind", MODULE_KINDS),
+                   input_shape=tuple(parse_int(v, f"{where}.input_shape[{i}]", 1)
+                                     for i, v in enumerate(raw)),
+                   format_version=str(version))
 
 
 @dataclass(frozen=True)

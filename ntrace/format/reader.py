@@ -16,17 +16,20 @@ from typing import Any
 
 import numpy as np
 
-from ntrace.errors import InvalidTraceError
+from ntrace.errors import InvalidTraceError, NtraceError
 from ntrace.format import layout as L
+from ntrace.format.checks import check_documents
 from ntrace.format.metadata import (
     LayerAttrs,
+    ModuleAttrs,
     ProbeUnits,
     TraceAttrs,
     node_attrs,
     parse_format_version,
     parse_str,
 )
-from ntrace.format.store import open_root
+from ntrace.format.safe import unreadable
+from ntrace.format.store import Location, open_location, stored_bytes
 
 GROUP_NODES = {"taylor": "taylor", "layers": "layers"}  # group path → node kind
 
@@ -34,7 +37,9 @@ GROUP_NODES = {"taylor": "taylor", "layers": "layers"}  # group path → node ki
 @dataclass
 class Trace:
     """An open trace. ``attrs`` is the root document; ``layers`` maps name → LayerAttrs in
-    network order; ``layouts`` maps array path → its expected layout."""
+    network order; ``layouts`` maps array path → its expected layout. ``path`` is the local
+    directory or ``.zip`` (for a URL, ``Path(url)``); ``location`` says where it was opened
+    from and holds its store."""
 
     path: Path
     root: Any
@@ -42,6 +47,8 @@ class Trace:
     layers: dict[str, LayerAttrs]
     probe_units: ProbeUnits | None
     layouts: dict[str, L.ArrayLayout] = field(default_factory=dict)
+    modules: dict[str, ModuleAttrs] = field(default_factory=dict)
+    location: Location | None = None
 
     # -- committed sizes ------------------------------------------------------------------
     @property
@@ -64,10 +71,22 @@ class Trace:
         """The raw zarr array (uncommitted rows included); prefer :meth:`read`."""
         if path not in self.layouts:
             raise InvalidTraceError(f"{self.path}: no array {path!r} in this trace")
-        return self.root[path]
+        cache = self.__dict__.setdefault("_zarr_arrays", {})  # metadata read once per array
+        if path not in cache:
+            cache[path] = self.root[path]
+        return cache[path]
 
     def read(self, path: str, rows: slice | int | np.ndarray | None = None) -> np.ndarray:
-        """Read committed rows of an array (all committed rows when ``rows`` is None)."""
+        """Read committed rows of an array (all committed rows when ``rows`` is None); a chunk
+        that does not decode raises ``InvalidTraceError`` naming the array and rows."""
+        try:
+            return self._read(path, rows)
+        except (NtraceError, IndexError, MemoryError):
+            raise
+        except Exception as exc:  # a checksum mismatch, a truncated or undecodable chunk
+            raise unreadable(path, rows, exc) from exc
+
+    def _read(self, path: str, rows: slice | int | np.ndarray | None) -> np.ndarray:
         arr = self.zarr_array(path)
         n = self.committed(self.layouts[path].append_dim)
         if n is None:
@@ -97,7 +116,7 @@ class Trace:
         """The whole trace as a lazy ``xarray.DataTree``, cut to the committed prefix."""
         import xarray as xr
 
-        tree = xr.open_datatree(str(self.path), engine="zarr", consolidated=False, chunks=None)
+        tree = xr.open_datatree(self._source(), engine="zarr", consolidated=False, chunks=None)
         cuts = {dim: self.committed(dim) for dim in L.APPEND_DIMS}
 
         def cut(ds: Any) -> Any:
@@ -110,27 +129,62 @@ class Trace:
         """One group as a lazy ``xarray.Dataset`` cut to the committed prefix."""
         import xarray as xr
 
-        ds = xr.open_zarr(str(self.path), group=group or None, consolidated=False, chunks=None,
+        ds = xr.open_zarr(self._source(), group=group or None, consolidated=False, chunks=None,
                           zarr_format=3)
         sel = {d: slice(0, self.committed(d)) for d in L.APPEND_DIMS if d in ds.dims}
         return ds.isel(sel) if sel else ds
 
+    def _source(self) -> Any:
+        return str(self.path) if self.location is None else self.location.store
+
     def nbytes_stored(self) -> int:
-        """Bytes on disk under the trace directory."""
-        total = 0
-        for dirpath, _, files in os.walk(self.path):
-            for f in files:
-                total += os.path.getsize(os.path.join(dirpath, f))
-        return total
+        """Bytes stored for the trace (files of a directory, members of a zip, objects of a
+        URL), ``*.partial`` files excluded."""
+        return stored_bytes(self.root.store)
+
+    def close(self) -> None:
+        """Release the store (the open file of a ``.zip``); reading afterwards fails."""
+        if self.location is not None:
+            self.location.close()
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_modules(root: Any, attrs: TraceAttrs) -> tuple[dict[str, ModuleAttrs], list[str]]:
+    """Parse the ``modules/<name>`` groups the root lists (format 1.1; none in 1.0)."""
+    modules: dict[str, ModuleAttrs] = {}
+    reasons: list[str] = []
+    for name in attrs.modules:
+        gpath = f"modules/{name}"
+        try:
+            m = ModuleAttrs.from_dict(node_attrs(root[gpath].attrs.asdict(), gpath),
+                                      f"{gpath} 'ntrace'")
+        except KeyError:
+            reasons.append(f"{gpath}: group is missing (root lists module {name!r})")
+            continue
+        except InvalidTraceError as exc:
+            reasons.append(str(exc))
+            continue
+        if m.name != name:
+            reasons.append(f"{gpath}: attribute name {m.name!r} differs from the group name")
+        modules[name] = m
+    return modules, reasons
 
 
 def expected_layouts(attrs: TraceAttrs, layers: Mapping[str, LayerAttrs],
-                     tracked_counts: Mapping[str, int], probe: tuple[int, int, int] | None
+                     tracked_counts: Mapping[str, int], probe: tuple[int, int, int] | None,
+                     modules: Mapping[str, ModuleAttrs] | None = None
                      ) -> dict[str, L.ArrayLayout]:
     """Every array the spec requires for this trace, keyed by path."""
     lays = L.root_arrays() + L.taylor_arrays(attrs)
     for name, la in layers.items():
         lays += L.layer_arrays(attrs, la, tracked_counts[name])
+    for m in (modules or {}).values():
+        lays += L.module_arrays(attrs, m)
     if probe is not None:
         lays += L.probe_arrays(*probe)
     return {lay.path: lay for lay in lays}
@@ -165,7 +219,7 @@ def load_structure(root: Any, where: str) -> tuple[TraceAttrs, dict[str, LayerAt
         layers[name] = la
         try:
             tracked_counts[name] = int(root[f"{gpath}/tracked"].shape[0])
-        except (KeyError, IndexError):
+        except (KeyError, IndexError, AttributeError):
             reasons.append(f"{gpath}/tracked: array is missing")
             tracked_counts[name] = 0
     # output_size consistency: the last layer produces the network output in format 1.0
@@ -182,11 +236,14 @@ def load_structure(root: Any, where: str) -> tuple[TraceAttrs, dict[str, LayerAt
             probe_shape = (size, feats, probe_units.total)
         except InvalidTraceError as exc:
             reasons.append(str(exc))
-        except (KeyError, IndexError):
+        except (KeyError, IndexError, AttributeError):
             reasons.append("probe: sample_index or input array is missing")
-    layouts = expected_layouts(attrs, layers, tracked_counts, probe_shape)
+    modules, module_reasons = load_modules(root, attrs)
+    reasons += module_reasons
+    layouts = expected_layouts(attrs, layers, tracked_counts, probe_shape, modules)
     reasons += check_nodes(root, attrs, layers, probe_units)
     reasons += _check_arrays(root, attrs, layouts)
+    reasons += check_documents(root.store, attrs, layouts)
     return attrs, layers, probe_units, layouts, reasons
 
 
@@ -206,8 +263,16 @@ def check_nodes(root: Any, attrs: TraceAttrs, layers: Mapping[str, LayerAttrs],
     for name in attrs.layers:
         if "/" in name or not name:
             r.append(f"root 'layers': layer name {name!r} must be non-empty and contain no '/'")
+    if attrs.modules and "modules" not in root:
+        r.append("modules: group is missing but the root lists modules")
     chain = [layers[n] for n in attrs.layers if n in layers]
-    if len(chain) == len(attrs.layers) and chain:
+    for la in chain:
+        if la.kind != "linear" and attrs.structure == "chain":
+            r.append(f"layers/{la.name}: a {la.kind} layer needs structure 'graph'")
+        if la.activation.kind == "prelu" and la.activation.num_parameters not in (
+                1, la.shape.output_shape[0]):
+            r.append(f"layers/{la.name}: prelu num_parameters must be 1 or the neuron count")
+    if len(chain) == len(attrs.layers) and chain and attrs.structure == "chain":
         for prev, la in zip(chain, chain[1:], strict=False):
             if la.in_features != prev.out_features:
                 r.append(f"layers/{la.name}: in_features {la.in_features} differs from "
@@ -220,6 +285,12 @@ def check_nodes(root: Any, attrs: TraceAttrs, layers: Mapping[str, LayerAttrs],
             if la.jacobian == "identity" and (la is not last or la.activation.has_mask):
                 r.append(f"layers/{la.name}: jacobian 'identity' is only allowed on the last "
                          "layer with an identity activation")
+    elif chain:
+        for la in chain:
+            if la.jacobian == "identity" and (la is not chain[-1] or la.activation.has_mask
+                                              or la.shape.units != attrs.output_size):
+                r.append(f"layers/{la.name}: jacobian 'identity' is only allowed on the last "
+                         "layer, with an identity activation, whose output is the network's")
     probe_size = attrs.sampling.probe_size
     if "probe" not in root:
         if probe_size > 0:
@@ -229,13 +300,13 @@ def check_nodes(root: Any, attrs: TraceAttrs, layers: Mapping[str, LayerAttrs],
         r.append("probe: group present but sampling.probe_size is 0")
     try:
         held = int(root["probe/sample_index"].shape[0])
-    except (KeyError, IndexError):
+    except (KeyError, IndexError, AttributeError):
         return r  # reported by the layout check
     if probe_size and held != probe_size:
         r.append(f"probe/sample_index: holds {held} probe points but sampling.probe_size is "
                  f"{probe_size}")
     if units is not None and len(chain) == len(attrs.layers):
-        want = [(la.name, la.out_features) for la in chain if la.activation.has_mask]
+        want = [(la.name, la.shape.units) for la in chain if la.activation.has_mask]
         have = list(zip(units.layers, units.counts, strict=True))
         if have != want:
             r.append(f"probe: units {have} do not list every layer with a non-identity "
@@ -280,13 +351,19 @@ def _check_arrays(root: Any, attrs: TraceAttrs, layouts: Mapping[str, L.ArrayLay
 
 
 def open_trace(path: str | os.PathLike[str]) -> Trace:
-    """Open a trace for reading; refuse a non-conforming one with every reason found."""
-    p = Path(path)
-    root = open_root(p, "r")
-    attrs, layers, probe_units, layouts, reasons = load_structure(root, str(p))
+    """Open a trace for reading: a directory, a ``.zip`` from ``ntrace pack`` or an fsspec
+    URL (``ntrace.format.store``); refuse a non-conforming one with every reason found."""
+    loc, root = open_location(path, "r")
+    p = loc.path
+    try:
+        attrs, layers, probe_units, layouts, reasons = load_structure(root, loc.text)
+    except BaseException:
+        loc.close()
+        raise
     if reasons:
-        raise InvalidTraceError(f"{p} is not a valid trace: {reasons[0]}"
+        loc.close()
+        raise InvalidTraceError(f"{loc} is not a valid trace: {reasons[0]}"
                                 + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""),
                                 reasons)
     return Trace(path=p, root=root, attrs=attrs, layers=layers, probe_units=probe_units,
-                 layouts=layouts)
+                 layouts=layouts, modules=load_modules(root, attrs)[0], location=loc)

@@ -1,17 +1,55 @@
-"""Opening and creating the Zarr store behind a trace, with ntrace's error messages."""
+"""Where a trace lives: a local directory, a ``.zip`` file, or an fsspec URL.
+
+``open_store(location, mode)`` returns the zarr store behind a trace wrapped in a
+:class:`~ntrace.format.safe.GuardedStore` (size limits, ``*.partial`` files hidden), and
+``open_root`` its root group. Locations readers accept:
+
+- a local trace directory (``run.zarr``), readable and, with ``mode='r+'``, writable;
+- a local ``.zip`` made by ``ntrace pack`` (zarr-python's ``ZipStore`` layout), read-only;
+- an fsspec URL (``file://``, ``memory://``, ``s3://`` with s3fs installed, ...), read-only;
+  a URL ending in ``.zip`` is read as a packed trace through fsspec.
+
+Writers create traces only in local directories, atomically: the hierarchy is built in a
+hidden staging directory next to the output and renamed into place (``staging_dir`` and
+``publish``), so a path holds either no trace or one that opens; an old trace being
+overwritten is first renamed aside, then deleted.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import struct
+import uuid
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import zarr
 import zarr.storage
+from zarr.core.sync import sync
 
-from ntrace.errors import TraceExistsError, TraceNotFoundError, UsageError
+from ntrace.errors import (
+    InvalidTraceError,
+    NtraceError,
+    TraceExistsError,
+    TraceNotFoundError,
+    UsageError,
+)
+from ntrace.format import limits
 from ntrace.format.metadata import ATTR_KEY
+from ntrace.format.safe import PARTIAL, GuardedStore, SafeGroup, one_line
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://|::")
+
+
+def is_url(location: object) -> bool:
+    """True for an fsspec URL such as ``s3://bucket/run.zarr`` (not for a local path)."""
+    return isinstance(location, str) and bool(_URL.search(location))
 
 
 def is_trace_dir(path: Path) -> bool:
@@ -20,16 +58,22 @@ def is_trace_dir(path: Path) -> bool:
     if not meta.is_file():
         return False
     try:
-        import json
-
         doc = json.loads(meta.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(doc, dict) and ATTR_KEY in (doc.get("attributes") or {})
 
 
+# -- writing ---------------------------------------------------------------------------------
 def prepare_output(path: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Make ``path`` ready for a new trace: refuse to clobber anything that is not a trace."""
+    """Make ``path`` ready for a new trace: refuse to clobber anything that is not a trace.
+
+    An old trace is renamed aside (one atomic step) before it is deleted, so a process
+    killed meanwhile leaves either the old trace or none at ``path``, never part of one.
+    """
+    if is_url(path):
+        raise UsageError(f"cannot write a trace to {path}: traces are recorded to a local "
+                         "directory; copy or pack it afterwards")
     p = Path(path)
     if p.exists() or p.is_symlink():
         if not overwrite:
@@ -37,8 +81,10 @@ def prepare_output(path: str | os.PathLike[str], overwrite: bool) -> Path:
                 f"{p} already exists; pass --overwrite (overwrite=True) to replace it, "
                 "or choose another output path"
             )
-        if p.is_dir() and (is_trace_dir(p) or not any(p.iterdir())):
-            shutil.rmtree(p)
+        if p.is_dir() and not p.is_symlink() and (is_trace_dir(p) or not any(p.iterdir())):
+            trash = _sibling(p, "deleting")
+            os.rename(p, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         else:
             raise UsageError(
                 f"refusing to overwrite {p}: it is not an ntrace trace; remove it yourself "
@@ -54,20 +100,235 @@ def prepare_output(path: str | os.PathLike[str], overwrite: bool) -> Path:
     return p
 
 
-def open_root(path: str | os.PathLike[str], mode: str = "r") -> Any:
-    """Open the root group of an existing trace; ``mode`` is ``'r'`` or ``'r+'``."""
-    p = Path(path)
+def _sibling(p: Path, what: str) -> Path:
+    return p.parent / f".{p.name}.{uuid.uuid4().hex[:12]}.{what}"
+
+
+def staging_dir(final: str | os.PathLike[str]) -> Path:
+    """A fresh hidden directory next to ``final`` in which to build a new trace."""
+    return _sibling(Path(final), "creating")
+
+
+def publish(staging: Path, final: str | os.PathLike[str]) -> Path:
+    """Move a fully created trace from ``staging`` to ``final`` in one atomic rename."""
+    p = Path(final)
+    try:
+        os.rename(staging, p)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if p.exists():
+            raise TraceExistsError(f"{p} appeared while the trace was being created; "
+                                   "choose another output path") from exc
+        raise
+    return p
+
+
+# -- reading ---------------------------------------------------------------------------------
+@dataclass
+class Location:
+    """An opened trace location. ``text`` is what the user gave (for messages); ``kind`` is
+    ``dir``, ``zip`` or ``url``; ``path`` is the local path (for a URL, ``Path(text)``, which
+    names nothing on this machine)."""
+
+    text: str
+    kind: str
+    path: Path
+    store: GuardedStore
+
+    @property
+    def local(self) -> bool:
+        return self.kind != "url"
+
+    def __str__(self) -> str:
+        return self.text
+
+    def close(self) -> None:
+        try:
+            self.store.close()
+        except Exception:  # noqa: BLE001 - closing a read-only store never matters
+            pass
+
+
+def resolve_location(location: str | os.PathLike[str], mode: str = "r",
+                     storage_options: dict[str, Any] | None = None) -> Location:
+    """Find the trace at ``location`` and open its store (see the module docstring)."""
+    if mode not in ("r", "r+"):
+        raise UsageError(f"mode must be 'r' or 'r+', found {mode!r}")
+    text = os.fspath(location)
+    if is_url(text):
+        parsed = urlparse(text)
+        if parsed.scheme == "file" and "::" not in text:
+            local = unquote(parsed.path)
+            if parsed.netloc not in ("", "localhost"):
+                raise UsageError(f"{text}: a file:// URL must name a local path")
+            return _local(Path(local), text, mode)
+        if mode != "r":
+            raise UsageError(f"cannot open {text} for writing: only local trace directories "
+                             "are written")
+        return _remote(text, storage_options)
+    return _local(Path(text), text, mode)
+
+
+def open_store(location: str | os.PathLike[str], mode: str = "r",
+               storage_options: dict[str, Any] | None = None) -> GuardedStore:
+    """The guarded zarr store of the trace at ``location`` (a directory, ``.zip`` or URL)."""
+    return resolve_location(location, mode, storage_options).store
+
+
+def _local(p: Path, text: str, mode: str) -> Location:
     if not p.exists():
-        raise TraceNotFoundError(f"no trace at {p}: the path does not exist")
-    if not (p / "zarr.json").is_file():
+        raise TraceNotFoundError(f"no trace at {text}: the path does not exist")
+    if p.is_file():
+        if not zipfile.is_zipfile(p):
+            raise TraceNotFoundError(f"no trace at {text}: it is a file but not a zip archive "
+                                     "(expected a trace directory or a .zip from ntrace pack)")
+        if mode != "r":
+            raise UsageError(f"cannot open {text} for writing: a packed (.zip) trace is "
+                             "read-only")
+        try:
+            with zipfile.ZipFile(p) as zf:
+                limits.check_zip_members(zf.infolist(), text)
+                names = set(zf.namelist())
+        except NtraceError:
+            raise
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error,
+                NotImplementedError) as exc:
+            raise InvalidTraceError(f"{text}: not a readable zip archive "
+                                    f"({one_line(exc)})") from exc
+        if limits.DOCUMENT not in names:
+            raise TraceNotFoundError(f"no trace in {text}: the zip holds no zarr.json at its "
+                                     "root (make packed traces with `ntrace pack`)")
+        zipped = zarr.storage.ZipStore(p, mode="r")
+        zipped._sync_open()
+        return Location(text, "zip", p, GuardedStore(zipped, text))
+    if not (p / limits.DOCUMENT).is_file():
         raise TraceNotFoundError(
-            f"no trace at {p}: it holds no zarr.json (is it a Zarr v3 store written by ntrace?)"
+            f"no trace at {text}: it holds no zarr.json (is it a Zarr v3 store written by "
+            "ntrace?)"
         )
     store = zarr.storage.LocalStore(p, read_only=(mode == "r"))
+    return Location(text, "dir", p, GuardedStore(store, text))
+
+
+class _FileZipStore(zarr.storage.ZipStore):
+    """A read-only ``ZipStore`` over an already open binary file (an fsspec file)."""
+
+    def __init__(self, fileobj: Any, name: str) -> None:
+        super().__init__(Path(name), mode="r")
+        self._fileobj = fileobj
+
+    def _sync_open(self) -> None:
+        import threading
+
+        if self._is_open:
+            raise ValueError("store is already open")
+        self._lock = threading.RLock()
+        self._zf = zipfile.ZipFile(self._fileobj, mode="r")
+        self._is_open = True
+
+    def close(self) -> None:
+        super().close()
+        self._fileobj.close()
+
+
+def _remote(url: str, storage_options: dict[str, Any] | None) -> Location:
+    try:
+        import fsspec
+    except ImportError as exc:
+        raise UsageError(f"reading {url} needs fsspec: pip install fsspec") from exc
+    try:
+        if url.rstrip("/").endswith(".zip"):
+            f = fsspec.open(url, "rb", **(storage_options or {})).open()
+            try:
+                zf = zipfile.ZipFile(f)
+                limits.check_zip_members(zf.infolist(), url)
+                names = set(zf.namelist())
+            except BaseException:
+                f.close()
+                raise
+            if limits.DOCUMENT not in names:
+                f.close()
+                raise TraceNotFoundError(f"no trace in {url}: the zip holds no zarr.json at "
+                                         "its root (make packed traces with `ntrace pack`)")
+            store: Any = _FileZipStore(f, url)
+            store._sync_open()
+            kind = "url"
+        else:
+            store = zarr.storage.FsspecStore.from_url(url, storage_options=storage_options,
+                                                      read_only=True)
+            kind = "url"
+        guarded = GuardedStore(store, url)
+        if sync(guarded.exists(limits.DOCUMENT)) is False:
+            raise TraceNotFoundError(f"no trace at {url}: it holds no zarr.json")
+    except NtraceError:
+        raise
+    except ImportError as exc:
+        raise UsageError(f"cannot read {url}: {one_line(exc)} (install the fsspec "
+                         "implementation for this protocol, e.g. pip install s3fs)") from exc
+    except FileNotFoundError as exc:
+        raise TraceNotFoundError(f"no trace at {url}: {one_line(exc)}") from exc
+    except (zipfile.BadZipFile, EOFError, struct.error, NotImplementedError) as exc:
+        raise InvalidTraceError(f"{url}: not a readable zip archive ({one_line(exc)})") from exc
+    except ValueError as exc:
+        raise UsageError(f"cannot read {url}: {one_line(exc)}") from exc
+    except OSError as exc:
+        raise TraceNotFoundError(f"cannot read {url}: {one_line(exc)}") from exc
+    return Location(url, kind, Path(url), guarded)
+
+
+def open_location(location: str | os.PathLike[str], mode: str = "r",
+                  storage_options: dict[str, Any] | None = None) -> tuple[Location, SafeGroup]:
+    """Open the root group of the trace at ``location``; see :func:`resolve_location`."""
+    loc = resolve_location(location, mode, storage_options)
     try:
         # spec §2: readers never depend on consolidated metadata (it may be stale)
-        return zarr.open_group(store=store, mode=mode, zarr_format=3, use_consolidated=False)
+        group = zarr.open_group(store=loc.store, mode="r" if mode == "r" else "r+",
+                                zarr_format=3, use_consolidated=False)
+    except NtraceError:
+        loc.close()
+        raise
     except Exception as exc:  # zarr raises several kinds for unreadable metadata
-        from ntrace.errors import InvalidTraceError
+        loc.close()
+        raise InvalidTraceError(f"{loc}: the root group cannot be opened "
+                                f"({one_line(exc)})") from exc
+    return loc, SafeGroup.wrap(group)
 
-        raise InvalidTraceError(f"{p}: the root group cannot be opened ({exc})") from exc
+
+def open_root(path: str | os.PathLike[str], mode: str = "r") -> Any:
+    """Open the root group of an existing trace; ``mode`` is ``'r'`` or ``'r+'``."""
+    return open_location(path, mode)[1]
+
+
+def stored_bytes(store: Any, prefix: str = "") -> int:
+    """Bytes stored under ``prefix`` ('' for the whole trace), ``*.partial`` files excluded:
+    file sizes for a directory, compressed member sizes for a zip, object sizes for a URL."""
+    inner = store._store if isinstance(store, GuardedStore) else store
+    prefix = prefix.strip("/")
+    if isinstance(inner, zarr.storage.LocalStore):
+        total = 0
+        for dirpath, _, files in os.walk(Path(inner.root) / prefix):
+            for f in files:
+                if not f.endswith(PARTIAL):
+                    try:
+                        total += os.path.getsize(os.path.join(dirpath, f))
+                    except OSError:
+                        pass  # removed meanwhile (a live trace)
+        return total
+
+    def under(key: str) -> bool:
+        return not prefix or key == prefix or key.startswith(prefix + "/")
+
+    if isinstance(inner, zarr.storage.ZipStore):
+        if not inner._is_open:
+            inner._sync_open()
+        return sum(i.compress_size for i in inner._zf.infolist()
+                   if under(i.filename) and not i.filename.endswith(PARTIAL))
+
+    async def total_size() -> int:
+        n = 0
+        async for key in store.list_prefix(prefix):
+            if under(key):
+                n += await inner.getsize(key)
+        return n
+
+    return int(sync(total_size()))

@@ -1,13 +1,20 @@
-"""What ``ntrace info`` shows, computed from metadata and file sizes (no array data)."""
+"""What ``ntrace info`` shows, computed from metadata and stored sizes (no array data).
+
+Works on every location ``open_trace`` accepts (directory, ``.zip``, fsspec URL); sizes are
+those of the stored objects, ``*.partial`` files excluded.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from ntrace.format.reader import open_trace
+from ntrace.format.reader import Trace, open_trace
+from ntrace.format.store import stored_bytes
 
 
 def human_bytes(n: float) -> str:
@@ -19,6 +26,7 @@ def human_bytes(n: float) -> str:
 
 
 def dir_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of the files under a local directory, ``*.partial`` files excluded."""
     total = 0
     for dirpath, _, files in os.walk(path):
         for f in files:
@@ -57,16 +65,27 @@ class Summary:
 def summarize(path: str | os.PathLike[str]) -> Summary:
     """Everything ``ntrace info`` prints about the trace at ``path``."""
     tr = open_trace(path)
+    try:
+        return _summarize(tr)
+    finally:
+        tr.close()
+
+
+def _obj(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _summarize(tr: Trace) -> Summary:
     a = tr.attrs
-    run = dict(a.run)
-    opt = run.get("optimizer") or {}
-    hyper = ", ".join(f"{k}={v}" for k, v in (opt.get("hyperparameters") or {}).items()
+    run = dict(a.run)  # free-form: any field may be missing or of another type
+    opt = _obj(run.get("optimizer"))
+    hyper = ", ".join(f"{k}={v}" for k, v in _obj(opt.get("hyperparameters")).items()
                       if k in ("lr", "momentum", "alpha", "betas", "weight_decay", "eps"))
-    model = run.get("model") or {}
+    model = _obj(run.get("model"))
     s = Summary()
     status = a.status + (f" ({a.status_reason})" if a.status_reason else "")
     s.header = [
-        ("trace", str(tr.path)),
+        ("trace", str(tr.location or tr.path)),
         ("format", f"{a.format_version} (status {status})"),
         ("task", str(run.get("task") or "—")),
         ("model", f"{len(a.layers)} tracked layers, {model.get('parameters', '?')} parameters, "
@@ -89,7 +108,7 @@ def summarize(path: str | os.PathLike[str]) -> Summary:
         n = tr.committed(lay.append_dim)
         shape = lay.shape(n)
         raw = int(np.prod(shape)) * np.dtype(lay.dtype).itemsize
-        stored = dir_bytes(tr.path / p)
+        stored = stored_bytes(tr.root.store, p)
         s.arrays.append((p, ",".join(lay.dims), "×".join(map(str, shape)) or "scalar", lay.dtype,
                          human_bytes(stored), human_bytes(raw),
                          f"{raw / stored:.1f}" if stored else "—"))
@@ -99,5 +118,5 @@ def summarize(path: str | os.PathLike[str]) -> Summary:
             units = (tr.layers[p.split("/")[1]].out_features if p.startswith("layers/")
                      else (tr.probe_units.total if tr.probe_units else 0))
             s.activations += int(np.prod(shape[:-1])) * units
-    s.stored = dir_bytes(tr.path)
+    s.stored = stored_bytes(tr.root.store)
     return s

@@ -10,27 +10,27 @@ zarr-python and xarray use it by default. Data checks read the committed rows on
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ntrace.errors import InvalidTraceError, NtraceError
 from ntrace.format.bits import pad_bits_clear, unpack
+from ntrace.format.checks import CORE_CODECS  # noqa: F401 - re-exported
 from ntrace.format.metadata import (
+    CLASS_TARGET_LOSSES,
     TraceAttrs,
 )
-from ntrace.format.reader import Trace, load_structure
-from ntrace.format.store import open_root
+from ntrace.format.reader import Trace, load_modules, load_structure
+from ntrace.format.store import Location, open_location
 
 SAMPLE_LOSS_RTOL = 1e-4
 MASK_ATOL = 1e-5
 BLOCK = 4096
-CORE_CODECS = frozenset({"bytes", "transpose", "gzip", "blosc", "crc32c", "sharding_indexed"})
+BLOCK_BYTES = 16 << 20  # rows read at once by the data checks, per array
 
 
 @dataclass
@@ -51,6 +51,11 @@ def _loss(loss_id: str, out: np.ndarray, target: np.ndarray) -> np.ndarray:
     out = out.astype(np.float64)
     if loss_id == "mse":
         return ((out - target) ** 2).mean(axis=-1)
+    if loss_id == "bce_with_logits":
+        return (np.maximum(out, 0) - out * target + np.log1p(np.exp(-np.abs(out)))).mean(axis=-1)
+    picked = np.take_along_axis(out, target[..., None].astype(np.int64), axis=-1)[..., 0]
+    if loss_id == "nll":
+        return -picked
     m = out.max(axis=-1, keepdims=True)
     lse = np.log(np.exp(out - m).sum(axis=-1)) + m[..., 0]
     return lse - np.take_along_axis(out, target[..., None].astype(np.int64), axis=-1)[..., 0]
@@ -58,24 +63,36 @@ def _loss(loss_id: str, out: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def validate_trace(path: str | os.PathLike[str], deep: bool = True,
                    progress: Callable[[int, int], None] | None = None) -> ValidationReport:
-    """Validate the trace at ``path``; ``deep`` also reads and checks every committed row."""
+    """Validate the trace at ``path`` (a directory, ``.zip`` or fsspec URL); ``deep`` also
+    reads and checks every committed row."""
     report = ValidationReport(str(path))
-    p = Path(path)
     try:
-        root = open_root(p, "r")
-        attrs, layers, units, layouts, reasons = load_structure(root, str(path))
+        loc, root = open_location(path, "r")
+    except InvalidTraceError as exc:
+        report.reasons += exc.reasons
+        return report
+    try:
+        return _validate(report, loc, root, deep, progress)
+    finally:
+        loc.close()
+
+
+def _validate(report: ValidationReport, loc: Location, root: Any, deep: bool,
+              progress: Callable[[int, int], None] | None) -> ValidationReport:
+    try:
+        attrs, layers, units, layouts, reasons = load_structure(root, loc.text)
     except InvalidTraceError as exc:
         report.reasons += exc.reasons
         return report
     report.attrs = attrs
     report.reasons += reasons
-    report.reasons += _check_raw_metadata(p, attrs, layouts)
     if report.reasons:
         return report
     if attrs.status == "aborted":
         report.reasons.append(f"run aborted: {attrs.status_reason or 'no reason recorded'}; its "
                               f"{attrs.commit.rounds} committed rounds remain readable")
-    trace = Trace(p, root, attrs, layers, units, layouts)
+    trace = Trace(loc.path, root, attrs, layers, units, layouts, load_modules(root, attrs)[0],
+                  loc)
     if deep:
         try:
             _check_data(trace, report, progress)
@@ -86,62 +103,32 @@ def validate_trace(path: str | os.PathLike[str], deep: bool = True,
     return report
 
 
-def _check_raw_metadata(path: Path, attrs: TraceAttrs,
-                        layouts: Mapping[str, Any]) -> list[str]:
-    """Codecs of the core spec only, and consolidated metadata (if any) that is not stale."""
-    r: list[str] = []
-    for apath in layouts:
-        try:
-            meta = json.loads((path / apath / "zarr.json").read_text())
-        except (OSError, ValueError):
-            continue  # a missing array is reported by the layout check
-        names = [c.get("name") for c in meta.get("codecs", []) if isinstance(c, dict)]
-        odd = [n for n in names if n not in CORE_CODECS]
-        if odd:
-            r.append(f"{apath}: codecs {odd} are not Zarr v3 core codecs "
-                     f"({', '.join(sorted(CORE_CODECS))})")
-    try:
-        consolidated = json.loads((path / "zarr.json").read_text()).get("consolidated_metadata")
-    except (OSError, ValueError):
-        return r
-    if attrs.status == "running" or not isinstance(consolidated, dict):
-        return r  # readers MUST ignore it while running
-    stale = []
-    for key, doc in (consolidated.get("metadata") or {}).items():
-        try:
-            own = json.loads((path / key / "zarr.json").read_text())
-        except (OSError, ValueError):
-            stale.append(key)
-            continue
-        strip = {"consolidated_metadata"}
-        if {k: v for k, v in own.items() if k not in strip} != \
-                {k: v for k, v in doc.items() if k not in strip}:
-            stale.append(key)
-    if stale:
-        more = f" and {len(stale) - 3} more" if len(stale) > 3 else ""
-        r.append(f"zarr.json: consolidated metadata disagrees with the node documents of "
-                 f"{', '.join(stale[:3])}{more}; zarr-python and xarray read it by default: "
-                 "remove it or rerun zarr.consolidate_metadata")
-    return r
-
-
 class _Reader:
-    """``Trace.read`` that names the array and rows of a chunk that does not decode."""
+    """``Trace.read`` (which names the array and rows of a chunk that does not decode) that
+    serves single rows from a cached block of rows aligned with the array's chunks, so each
+    chunk is decoded once rather than once per row; a block is at most ``BLOCK_BYTES``."""
 
     def __init__(self, trace: Trace) -> None:
         self.trace = trace
+        self._blocks: dict[str, tuple[int, int, np.ndarray]] = {}
 
     def __call__(self, path: str, rows: slice | int | None = None) -> np.ndarray:
-        try:
+        n = self.trace.committed(self.trace.layouts[path].append_dim)
+        if not isinstance(rows, int) or n is None or not 0 <= rows < n:
             return self.trace.read(path, rows)
-        except NtraceError:
-            raise
-        except Exception as exc:  # a checksum mismatch, a truncated or undecodable chunk
-            where = "" if rows is None else (
-                f" rows from {rows.start or 0}" if isinstance(rows, slice) else f" row {rows}")
-            raise InvalidTraceError(
-                f"{path}:{where} unreadable: {type(exc).__name__}: {exc} (a chunk file is "
-                "corrupt or truncated)") from exc
+        start, stop, block = self._blocks.get(path, (0, 0, np.empty(0)))
+        if not start <= rows < stop:
+            arr = self.trace.zarr_array(path)
+            row_bytes = max(1, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize)
+            size = max(1, min(int(arr.chunks[0]), BLOCK_BYTES // row_bytes))
+            start = rows - rows % size
+            stop = min(start + size, n)
+            try:
+                block = self.trace.read(path, slice(start, stop))
+            except NtraceError:
+                return self.trace.read(path, rows)  # the error names the row
+            self._blocks[path] = (start, stop, block)
+        return block[rows - start]
 
 
 def _check_data(tr: Trace, report: ValidationReport,
@@ -205,13 +192,14 @@ def _check_taylor_round(tr: Trace, read: _Reader, t: int, names: list[str],
     a = tr.attrs
     row: dict[str, Any] = {k: read(f"taylor/{k}", t)
                            for k in ("sample_loss", "output", "target", "sample_index")}
-    for key in ("sample_loss", "output") + (("target",) if a.loss.id == "mse" else ()):
+    classes = a.loss.id in CLASS_TARGET_LOSSES
+    for key in ("sample_loss", "output") + (() if classes else ("target",)):
         if not np.all(np.isfinite(row[key])):
             r.append(f"taylor/{key}: non-finite value in Taylor round {t}")
             return
     if np.any(row["sample_index"] < -1):
         r.append(f"taylor/sample_index: values below -1 in Taylor round {t}")
-    if a.loss.id == "cross_entropy" and (row["target"].min() < 0
+    if classes and (row["target"].min() < 0
                                          or row["target"].max() >= a.output_size):
         r.append(f"taylor/target: class index outside [0, {a.output_size}) in Taylor round {t}")
         return
@@ -220,38 +208,53 @@ def _check_taylor_round(tr: Trace, read: _Reader, t: int, names: list[str],
         diff = float(np.abs(row["sample_loss"] - recomputed).max())
         r.append(f"taylor/sample_loss: Taylor round {t} disagrees with the {a.loss.id} loss of "
                  f"output and target (max diff {diff:.3g})")
+    chain = a.structure == "chain"
     prev_out: np.ndarray | None = None
     for name in names:
         la = tr.layers[name]
         g = f"layers/{name}"
-        w = read(f"{g}/weight", t)
-        x = read(f"{g}/input", t)
-        arrays = {"weight": w, "input": x}
-        b = read(f"{g}/bias", t) if la.bias else np.zeros(la.out_features, np.float32)
-        arrays["bias"] = b
-        if la.jacobian == "stored":
-            arrays["jacobian"] = read(f"{g}/jacobian", t)
+        units = la.shape.units
+        arrays = {k: read(f"{g}/{k}", t) for k in ("weight", "input", "bias", "jacobian", "slope")
+                  if tr.has(f"{g}/{k}")}
         for key, v in arrays.items():
-            if not np.all(np.isfinite(v)):
+            if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
                 r.append(f"{g}/{key}: non-finite value in Taylor round {t}")
                 return
+        x, w = arrays["input"], arrays["weight"]
+        if la.kind == "embedding" and (x.min(initial=0) < 0 or x.max(initial=0) >= w.shape[0]):
+            r.append(f"{g}/input: index outside [0, {w.shape[0]}) in Taylor round {t}")
+        masks = {k: read(f"{g}/{k}", t) for k in ("mask", "mask_high") if tr.has(f"{g}/{k}")}
+        for key, packed in masks.items():
+            if not pad_bits_clear(packed, units):
+                r.append(f"{g}/{key}: pad bits set in Taylor round {t}")
+        if la.kind != "linear":
+            continue  # the data checks below need only numpy for linear layers
+        b = arrays.get("bias", np.zeros(la.out_features, np.float32))
         pre = x.astype(np.float64) @ w.T.astype(np.float64) + b
-        if prev_out is not None and not np.allclose(x, prev_out, rtol=1e-4, atol=1e-5):
+        if chain and prev_out is not None and not np.allclose(x, prev_out, rtol=1e-4, atol=1e-5):
             r.append(f"{g}/input: Taylor round {t} is not the activation of the previous "
                      "layer's pre-activation")
-        if la.activation.has_mask:
-            packed = read(f"{g}/mask", t)
-            if not pad_bits_clear(packed, la.out_features):
-                r.append(f"{g}/mask: pad bits set in Taylor round {t}")
-            states = unpack(packed, la.out_features)
-            wrong = (states != (pre > 0)) & (np.abs(pre) > MASK_ATOL * (1 + np.abs(pre).max()))
+        tol = MASK_ATOL * (1 + np.abs(pre).max())
+        act = la.activation
+        if "mask" in masks:
+            states = unpack(masks["mask"], units)
+            wrong = (states != (pre > act.threshold)) & (np.abs(pre - act.threshold) > tol)
             if np.any(wrong):
                 r.append(f"{g}/mask: {int(wrong.sum())} states in Taylor round {t} disagree "
-                         "with W x + b > 0")
-            slope = 0.0 if la.activation.kind == "relu" else float(
-                la.activation.negative_slope or 0.0)
-            prev_out = np.where(pre > 0, pre, slope * pre)
-        else:
-            prev_out = pre
-    if prev_out is not None and not np.allclose(prev_out, row["output"], rtol=1e-4, atol=1e-4):
+                         f"with W x + b > {act.threshold:g}")
+        if "mask_high" in masks:
+            high = unpack(masks["mask_high"], units)
+            wrong = (high != (pre >= float(act.max_val))) & \
+                (np.abs(pre - float(act.max_val)) > tol)  # type: ignore[arg-type]
+            if np.any(wrong):
+                r.append(f"{g}/mask_high: {int(wrong.sum())} states in Taylor round {t} "
+                         f"disagree with W x + b >= {act.max_val:g}")
+        slope = 0.0 if act.kind == "relu" else float(act.negative_slope or 0.0)
+        prev_out = np.where(pre > 0, pre, slope * pre) if act.has_mask else pre
+    for name in tr.modules:
+        packed = read(f"modules/{name}/state", t)
+        if not pad_bits_clear(packed, tr.modules[name].units):
+            r.append(f"modules/{name}/state: pad bits set in Taylor round {t}")
+    if chain and prev_out is not None and not np.allclose(prev_out, row["output"], rtol=1e-4,
+                                                          atol=1e-4):
         r.append(f"taylor/output: Taylor round {t} is not the last layer's output")

@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,8 +32,16 @@ from zarr.core.sync import sync
 
 from ntrace.errors import UsageError, WriterError
 from ntrace.format import layout as L
-from ntrace.format.metadata import ATTR_KEY, Commit, LayerAttrs, ProbeUnits, TraceAttrs
-from ntrace.format.store import prepare_output
+from ntrace.format.checkpoint import Checkpoint, other_slot, read_checkpoint, write_checkpoint
+from ntrace.format.metadata import (
+    ATTR_KEY,
+    Commit,
+    LayerAttrs,
+    ModuleAttrs,
+    ProbeUnits,
+    TraceAttrs,
+)
+from ntrace.format.store import prepare_output, publish, staging_dir
 
 ROUND_CHUNK = 4096
 CHUNK_BYTES = 2 << 20  # target uncompressed bytes per chunk along an append dimension
@@ -58,8 +68,13 @@ class LayerRound:
     weight: np.ndarray  # (neuron, in_feature)
     input: np.ndarray  # (s, in_feature)
     bias: np.ndarray | None = None  # (neuron,)
-    jacobian: np.ndarray | None = None  # (s, p, tracked)
+    jacobian: np.ndarray | None = None  # (s, p, tracked, *positions)
     mask: np.ndarray | None = None  # (s, neuron_byte) packed uint8
+    mask_high: np.ndarray | None = None  # hardtanh only: a >= max_val, packed
+    slope: np.ndarray | None = None  # prelu only: (num_parameters,)
+
+
+LAYER_FIELDS = ("weight", "bias", "input", "jacobian", "mask", "mask_high", "slope")
 
 
 @dataclass
@@ -72,6 +87,7 @@ class TaylorRound:
     output: np.ndarray  # (s, p)
     target: np.ndarray  # (s, p) float or (s,) int
     layers: dict[str, LayerRound] = field(default_factory=dict)
+    modules: dict[str, np.ndarray] = field(default_factory=dict)  # name → packed (s, unit_byte)
 
 
 @dataclass
@@ -96,10 +112,11 @@ class TraceWriter:
 
     def __init__(self, root: Any, attrs: TraceAttrs, layers: list[LayerAttrs],
                  tracked: Mapping[str, np.ndarray], probe: ProbeSetup | None,
-                 commit_seconds: float) -> None:
+                 commit_seconds: float, modules: list[ModuleAttrs] | None = None) -> None:
         self._root = root
         self._attrs = attrs
         self._layers = {la.name: la for la in layers}
+        self._modules = {m.name: m for m in modules or []}
         self._tracked = {k: np.asarray(v) for k, v in tracked.items()}
         self._probe = probe
         self._commit_seconds = commit_seconds
@@ -117,10 +134,13 @@ class TraceWriter:
     def create(cls, path: str | os.PathLike[str], attrs: TraceAttrs, layers: list[LayerAttrs],
                tracked: Mapping[str, np.ndarray], probe: ProbeSetup | None = None, *,
                expected_rounds: int | None = None, overwrite: bool = False,
-               commit_seconds: float = 1.0) -> TraceWriter:
+               commit_seconds: float = 1.0,
+               modules: list[ModuleAttrs] | None = None) -> TraceWriter:
         """Create the store, every group and array, and the first (empty) commit."""
         if tuple(la.name for la in layers) != attrs.layers:
             raise UsageError("layer attributes do not match TraceAttrs.layers")
+        if tuple(m.name for m in modules or []) != attrs.modules:
+            raise UsageError("module attributes do not match TraceAttrs.modules")
         for la in layers:
             t = np.asarray(tracked.get(la.name, []))
             if t.ndim != 1 or t.size == 0 or np.any(np.diff(t) <= 0) or t[0] < 0 \
@@ -131,13 +151,15 @@ class TraceWriter:
         now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         attrs = replace(attrs, created=attrs.created or now, status="running",
                         commit=Commit())
+        staging = staging_dir(p)  # built aside, renamed into place whole (spec §6)
         try:
-            store = zarr.storage.LocalStore(p)
+            store = zarr.storage.LocalStore(staging)
             root = zarr.create_group(store=store, zarr_format=3,
                                      attributes={ATTR_KEY: attrs.to_dict()})
         except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
             raise WriterError(f"cannot create trace {p}: {exc.strerror or exc}") from exc
-        self = cls(root, attrs, layers, tracked, probe, commit_seconds)
+        self = cls(root, attrs, layers, tracked, probe, commit_seconds, modules)
         rounds = max(int(expected_rounds or 1024), 1)
         taylor = max(rounds // attrs.sampling.taylor_every + 1, 1)
         snaps = 1
@@ -146,9 +168,19 @@ class TraceWriter:
         self._initial = {L.ROUND: rounds, L.TAYLOR: taylor, L.SNAPSHOT: snaps}
         try:
             self._create_arrays()
+            self._publish(staging, p)
         except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
             raise WriterError(f"cannot create trace {p}: {exc.strerror or exc}") from exc
         return self
+
+    def _publish(self, staging: Path, final: Path) -> None:
+        """Rename the created hierarchy to ``final`` in one step, so that a reader (or a
+        writer killed meanwhile) sees no trace or a whole one, never part; reopen it there."""
+        publish(staging, final)
+        self._root = zarr.open_group(store=zarr.storage.LocalStore(final), mode="r+",
+                                     zarr_format=3, use_consolidated=False)
+        self._arrays = {path: self._root[path] for path in self._arrays}
 
     def _create_arrays(self) -> None:
         a = self._attrs
@@ -161,6 +193,12 @@ class TraceWriter:
         for la in self._layers.values():
             layers_g.create_group(la.name, attributes={ATTR_KEY: la.to_dict()})
             layouts += L.layer_arrays(a, la, len(self._tracked[la.name]))
+        if self._modules:
+            mods_g = root.create_group("modules", attributes={
+                ATTR_KEY: {"format_version": a.format_version, "node": "modules"}})
+            for m in self._modules.values():
+                mods_g.create_group(m.name, attributes={ATTR_KEY: m.to_dict()})
+                layouts += L.module_arrays(a, m)
         if self._probe is not None:
             pr = self._probe
             root.create_group("probe", attributes={ATTR_KEY: pr.units.to_dict()})
@@ -202,6 +240,10 @@ class TraceWriter:
     @property
     def attrs(self) -> TraceAttrs:
         return self._attrs
+
+    @property
+    def tracked(self) -> dict[str, np.ndarray]:
+        return dict(self._tracked)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -248,8 +290,13 @@ class TraceWriter:
             raise UsageError(f"Taylor round {t.round_index}: expected layers "
                              f"{sorted(self._layers)}, found {sorted(t.layers)}")
         for name, lr in t.layers.items():
-            for field_ in ("weight", "bias", "input", "jacobian", "mask"):
+            for field_ in LAYER_FIELDS:
                 self._check(f"layers/{name}/{field_}", getattr(lr, field_))
+        if set(t.modules) != set(self._modules):
+            raise UsageError(f"Taylor round {t.round_index}: expected module states for "
+                             f"{sorted(self._modules)}, found {sorted(t.modules)}")
+        for name, state in t.modules.items():
+            self._check(f"modules/{name}/state", state)
 
     def _ensure(self, path: str, index: int) -> Any:
         arr = self._arrays[path]
@@ -272,10 +319,12 @@ class TraceWriter:
                 "taylor/target": taylor.target,
             })
             for name, lr in taylor.layers.items():
-                for field_ in ("weight", "bias", "input", "jacobian", "mask"):
+                for field_ in LAYER_FIELDS:
                     value = getattr(lr, field_)
                     if value is not None:
                         rows[f"layers/{name}/{field_}"] = value
+            for name, state in taylor.modules.items():
+                rows[f"modules/{name}/state"] = state
         if snapshot is not None:
             rows["probe/round_index"] = snapshot.round_index
             rows["probe/config"] = snapshot.config
@@ -323,6 +372,61 @@ class TraceWriter:
         if c != self._attrs.commit:
             self._set_attrs(replace(self._attrs, commit=c))
         self._last_commit = time.monotonic()
+
+    def write_checkpoint(self, round_index: int, arrays: Mapping[str, np.ndarray],
+                         meta: Mapping[str, Any]) -> None:
+        """Commit every round before ``round_index``, then store the training state at the
+        start of that round in the free checkpoint slot and point the root at it."""
+        if round_index != self._counts[L.ROUND]:
+            raise UsageError(f"checkpoint for round {round_index} given after "
+                             f"{self._counts[L.ROUND]} rounds")
+        try:
+            self.commit()
+            current = self._attrs.checkpoint
+            slot = other_slot(None if current is None else current["slot"])
+            write_checkpoint(self._root, slot, Checkpoint(round_index, self._attrs.commit,
+                                                          dict(arrays), dict(meta)))
+            self._set_attrs(replace(self._attrs, checkpoint={"slot": slot,
+                                                             "round": round_index}))
+        except OSError as exc:
+            raise WriterError(f"writing the checkpoint of round {round_index} failed: "
+                              f"{exc.strerror or exc}") from exc
+
+    @classmethod
+    def reopen(cls, path: str | os.PathLike[str], commit_seconds: float = 1.0
+               ) -> tuple[TraceWriter, Checkpoint]:
+        """Open a trace for appending from its last checkpoint (``ntrace record --resume``).
+
+        Rounds committed after the checkpoint are dropped: the commit is set back to the
+        checkpoint's (the one case where a commit goes down, spec 'Checkpoints')."""
+        from ntrace.format.reader import open_trace
+
+        tr = open_trace(path)
+        if tr.attrs.checkpoint is None:
+            raise UsageError(f"{path} holds no checkpoint, so it cannot be resumed; traces of "
+                             "built-in tasks are checkpointed every epoch")
+        root = zarr.open_group(store=zarr.storage.LocalStore(Path(path)), mode="r+",
+                               zarr_format=3, use_consolidated=False)
+        ck = read_checkpoint(root, tr.attrs.checkpoint["slot"])
+        probe = None
+        if tr.probe_units is not None:
+            probe = ProbeSetup(tr.read("probe/sample_index"), tr.read("probe/input"),
+                               tr.probe_units)
+        self = cls(root, tr.attrs, list(tr.layers.values()), tr.tracked, probe,
+                   commit_seconds, list(tr.modules.values()))
+        for path_, lay in tr.layouts.items():
+            arr = root[path_]
+            self._arrays[path_] = arr
+            self._layouts[path_] = lay
+            if lay.append_dim is not None:
+                self._capacity[path_] = arr.shape[0]
+                self._staged[path_] = []
+                self._written[path_] = getattr(ck.commit, L.COMMIT_FIELD[lay.append_dim])
+        self._counts = {L.ROUND: ck.commit.rounds, L.TAYLOR: ck.commit.taylor_rounds,
+                        L.SNAPSHOT: ck.commit.snapshots}
+        self._set_attrs(replace(tr.attrs, status="running", status_reason=None,
+                                commit=ck.commit))
+        return self, ck
 
     def _set_attrs(self, attrs: TraceAttrs) -> None:
         self._root.attrs.put({ATTR_KEY: attrs.to_dict()})

@@ -29,7 +29,9 @@ class PendingLayer:
     input: torch.Tensor
     bias: torch.Tensor | None
     jacobian: torch.Tensor | None
-    states: torch.Tensor | None  # bool (s, neuron): a > 0
+    states: torch.Tensor | None  # bool (s, units): a > threshold
+    states_high: torch.Tensor | None = None  # hardtanh: a >= max_val
+    slope: torch.Tensor | None = None  # prelu slopes
 
 
 @dataclass
@@ -40,6 +42,7 @@ class PendingTaylor:
     output: torch.Tensor
     target: torch.Tensor
     layers: dict[str, PendingLayer]
+    modules: dict[str, torch.Tensor]  # bool (s, units)
 
 
 @dataclass
@@ -49,6 +52,15 @@ class PendingRound:
     taylor: PendingTaylor | None = None
     snapshot: torch.Tensor | None = None  # bool (probe, units)
     event: Any = None  # on the last round of a batch: CUDA event after all its copies
+
+
+@dataclass
+class PendingCheckpoint:
+    """Training state at the start of ``round_index``, already on the host."""
+
+    round_index: int
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
 
 
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
@@ -69,7 +81,7 @@ class AsyncWriter:
         self._thread.start()
 
     # -- main thread ------------------------------------------------------------------------
-    def submit(self, items: list[PendingRound]) -> None:
+    def submit(self, items: list[PendingRound] | PendingCheckpoint) -> None:
         """Queue consecutive rounds (one queue slot for the whole list)."""
         self.raise_if_failed()
         while True:
@@ -114,6 +126,9 @@ class AsyncWriter:
             if self._error is not None or self._abort is not None:
                 continue  # drain without writing after a failure
             try:
+                if isinstance(item, PendingCheckpoint):
+                    self.writer.write_checkpoint(item.round_index, item.arrays, item.meta)
+                    continue
                 if item and item[-1].event is not None:
                     item[-1].event.synchronize()  # recorded after the batch's copies
                 for one in item:
@@ -143,9 +158,13 @@ class AsyncWriter:
                         weight=lr.weight.numpy(), input=lr.input.numpy(), bias=_np(lr.bias),
                         jacobian=_np(lr.jacobian),
                         mask=None if lr.states is None else pack(lr.states.numpy()),
+                        mask_high=None if lr.states_high is None else pack(
+                            lr.states_high.numpy()),
+                        slope=_np(lr.slope),
                     )
                     for name, lr in t.layers.items()
                 },
+                modules={name: pack(v.numpy()) for name, v in t.modules.items()},
             )
         snap = None
         if item.snapshot is not None:

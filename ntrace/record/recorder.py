@@ -21,6 +21,7 @@ import platform
 import types
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,16 +30,34 @@ from torch import nn
 
 from ntrace import __version__
 from ntrace.errors import LossMismatchError, NonFiniteLossError, NtraceError, UsageError
-from ntrace.format.metadata import LOSS_IDS, LayerAttrs, LossSpec, ProbeUnits, Sampling, TraceAttrs
+from ntrace.format.checkpoint import Checkpoint
+from ntrace.format.metadata import (
+    CLASS_TARGET_LOSSES,
+    LOSS_IDS,
+    LayerAttrs,
+    LossSpec,
+    ModuleAttrs,
+    ProbeUnits,
+    Sampling,
+    TraceAttrs,
+)
 from ntrace.format.store import prepare_output
 from ntrace.format.writer import ProbeSetup, TraceWriter
-from ntrace.record.async_writer import AsyncWriter, PendingLayer, PendingRound, PendingTaylor
-from ntrace.record.chain import ChainLayer, Watcher, discover
-from ntrace.record.jacobian import jacobians_recursive
+from ntrace.record.async_writer import (
+    AsyncWriter,
+    PendingCheckpoint,
+    PendingLayer,
+    PendingRound,
+    PendingTaylor,
+)
+from ntrace.record.extract import Extractor
 from ntrace.record.losses import per_sample_loss
+from ntrace.record.state import capture, restore
+from ntrace.record.structure import POLICIES, Structure, Watcher, discover
 
 LOSS_CHECK_RTOL = 1e-4
 MAX_BATCHED_ROUNDS = 64  # loss-only rounds handed to the writer thread together
+DEFAULT_JACOBIAN_MEMORY = 256 << 20  # bytes for one chunk of batched Jacobian products
 
 
 def _json_safe(value: Any) -> Any:
@@ -101,15 +120,38 @@ class Recorder:
                  probe_every: int | None = None, expected_rounds: int | None = None,
                  rounds_per_epoch: int | None = None, run: Mapping[str, Any] | None = None,
                  overwrite: bool = False, max_pending: int = 8,
-                 commit_seconds: float = 1.0) -> None:
+                 commit_seconds: float = 1.0, unsupported: str = "error",
+                 max_jacobian_memory: int = DEFAULT_JACOBIAN_MEMORY,
+                 jacobian_mode: str = "auto", resume: bool = False) -> None:
         if loss not in LOSS_IDS:
             raise UsageError(f"unknown loss {loss!r}; use one of {', '.join(LOSS_IDS)}")
         if not isinstance(model, nn.Module):
             raise UsageError(f"model must be a torch.nn.Module, found {type(model).__name__}")
+        if unsupported not in POLICIES:
+            raise UsageError(f"unsupported={unsupported!r}; use one of {', '.join(POLICIES)}")
+        if jacobian_mode not in ("auto", "forward", "reverse"):
+            raise UsageError(f"jacobian_mode={jacobian_mode!r}; use auto, forward or reverse")
+        if max_jacobian_memory < 1 << 20:
+            raise UsageError("max_jacobian_memory must be at least 1 MiB")
+        self.unsupported = unsupported
+        self.max_jacobian_memory = int(max_jacobian_memory)
+        self.jacobian_mode = jacobian_mode
         self.model = model
-        self.path = prepare_output(path, overwrite)
-        self.loss_spec = LossSpec(loss)
         self.optimizer = optimizer
+        self.resumed: Checkpoint | None = None
+        self._reopened: TraceWriter | None = None
+        if resume:
+            self._reopened, self.resumed = TraceWriter.reopen(path, commit_seconds)
+            attrs = self._reopened.attrs
+            restore(model, optimizer, self.resumed)
+            loss, sampling = attrs.loss.id, attrs.sampling
+            probe_every, expected_rounds = attrs.sampling.probe_every or None, \
+                attrs.run.get("expected_rounds")
+            run = {**attrs.run, **dict(run or {})}
+            self.path = Path(path)
+        else:
+            self.path = prepare_output(path, overwrite)
+        self.loss_spec = LossSpec(loss)
         sampling = sampling or Sampling()
         self.probe = None if probe is None else probe.detach()
         if self.probe is not None:
@@ -130,10 +172,10 @@ class Recorder:
         self.run_info = dict(run or {})
         self.max_pending = max_pending
         self.commit_seconds = commit_seconds
-        self.round = 0
-        self.layers: list[ChainLayer] = []
+        self.round = 0 if self.resumed is None else self.resumed.round
+        self.structure: Structure | None = None
         self.tracked: dict[str, torch.Tensor] = {}
-        self._mask_layers: list[ChainLayer] = []
+        self._extract: Extractor | None = None
         self._writer: AsyncWriter | None = None
         self._device: torch.device | None = None
         self._closed = False
@@ -201,11 +243,12 @@ class Recorder:
     # -- internals ----------------------------------------------------------------------------
     def _start(self, log: Any, loss: torch.Tensor, output: torch.Tensor,
                target: torch.Tensor) -> None:
-        """Round 0: find the chain, check the loss declaration, create the trace."""
+        """Round 0: find the structure, check the loss declaration, create the trace."""
         if output.ndim != 2:
             raise UsageError(f"the model output must be (batch, outputs); found shape "
                              f"{tuple(output.shape)} (flatten it in the model)")
-        self.layers = discover(log, self.model)
+        st = discover(log, self.model, self.unsupported)
+        self.structure = st
         self._device = output.device
         with torch.no_grad():
             mine = per_sample_loss(self.loss_spec.id, output.detach(), target.detach()).mean()
@@ -217,68 +260,115 @@ class Recorder:
                     f"{self.loss_spec.id!r} loss of the outputs and targets ({float(mine):.6g}); "
                     "declare the loss you train with (loss='mse' or 'cross_entropy', "
                     "reduction mean)")
+        if self._reopened is not None:
+            self._continue(st)
+            return
         layer_attrs = []
         rng = np.random.default_rng(self.sampling.neuron_seed)
-        last = len(self.layers) - 1
-        for i, cl in enumerate(self.layers):
-            n_out, n_in, has_bias = cl.handler.shape(cl.module)
+        for i, la in enumerate(st.layers):
+            n_out = la.geometry.output_shape[0]
             k = self.sampling.neurons
             if k == "all" or int(k) >= n_out:
                 idx = np.arange(n_out)
             else:
                 idx = np.sort(rng.choice(n_out, size=int(k), replace=False))
-            self.tracked[cl.name] = torch.as_tensor(idx, device=self._device)
-            identity = i == last and cl.activation.kind == "identity"
+            self.tracked[la.name] = torch.as_tensor(idx, device=self._device)
+            identity = st.identity_output and la is st.layers[-1]
+            geo = la.geometry
+            linear = la.handler.kind == "linear"
             layer_attrs.append(LayerAttrs(
-                name=cl.name, index=i, kind=cl.handler.kind, in_features=n_in,
-                out_features=n_out, bias=has_bias, activation=cl.activation,
-                jacobian="identity" if identity else "stored"))
-        self._mask_layers = [cl for cl in self.layers if cl.activation.has_mask]
+                name=la.name, index=i, kind=la.handler.kind,
+                in_features=int(geo.weight_shape[0] if la.handler.kind == "embedding"
+                                else geo.input_shape[0]),
+                out_features=n_out, bias=la.handler.bias(la.module) is not None,
+                activation=la.activation, jacobian="identity" if identity else "stored",
+                geometry=None if linear else geo))
+        modules = [ModuleAttrs(m.name, m.kind, m.input_shape) for m in st.modules]
+        self._extract = Extractor(self.model, st, self.tracked, self.sampling.samples_per_round,
+                                  self._watcher, self.max_jacobian_memory, self.jacobian_mode)
         probe_setup = None
         if self.probe is not None:
-            self.probe = self.probe.to(self._device)
-            units = ProbeUnits(tuple(c.name for c in self._mask_layers),
-                               tuple(c.handler.shape(c.module)[0] for c in self._mask_layers))
+            mask_layers = self._extract.mask_layers
+            units = ProbeUnits(tuple(la.name for la in mask_layers),
+                               tuple(la.geometry.units for la in mask_layers))
             if not units.layers:
                 raise UsageError("a probe set was given but the model has no hidden activation")
+            self.probe = self.probe.to(self._device)
             features = self.probe.reshape(len(self.probe), -1).cpu().float().numpy()
             probe_setup = ProbeSetup(self.probe_index, features, units)
         params = sum(p.numel() for p in self.model.parameters())
         run = {"model": {"description": str(self.model), "parameters": params},
                "optimizer": describe_optimizer(self.optimizer),
-               "expected_rounds": self.expected_rounds, **self.run_info}
+               "expected_rounds": self.expected_rounds,
+               "jacobian_mode": self.jacobian_mode, **self.run_info}
         attrs = TraceAttrs(loss=self.loss_spec, sampling=self.sampling,
-                           layers=tuple(c.name for c in self.layers),
-                           output_size=int(output.shape[1]),
+                           layers=tuple(la.name for la in st.layers),
+                           output_size=int(output.shape[1]), structure=st.kind,
+                           modules=tuple(m.name for m in modules),
                            producer=producer_info(self._device), run=_json_safe(run))
         json.dumps(attrs.to_dict())  # fail here, not in the writer thread, if not JSON
         writer = TraceWriter.create(self.path, attrs, layer_attrs,
                                     {k: v.cpu().numpy() for k, v in self.tracked.items()},
                                     probe_setup, expected_rounds=self.expected_rounds,
-                                    overwrite=True, commit_seconds=self.commit_seconds)
+                                    overwrite=True, commit_seconds=self.commit_seconds,
+                                    modules=modules)
         self._writer = AsyncWriter(writer, self.max_pending)
+
+    def _continue(self, st: Structure) -> None:
+        """Resume: the model must have the trace's layers; append to the reopened writer."""
+        writer = self._reopened
+        assert writer is not None
+        names = tuple(la.name for la in st.layers)
+        if names != writer.attrs.layers or st.kind != writer.attrs.structure:
+            raise UsageError(f"the model's layers {names} ({st.kind}) differ from the trace's "
+                             f"{writer.attrs.layers} ({writer.attrs.structure}); resume with "
+                             "the model that wrote the trace")
+        self.tracked = {k: torch.as_tensor(v, device=self._device)
+                        for k, v in writer.tracked.items()}
+        self._extract = Extractor(self.model, st, self.tracked, self.sampling.samples_per_round,
+                                  self._watcher, self.max_jacobian_memory, self.jacobian_mode)
+        if self.probe is not None:
+            self.probe = self.probe.to(self._device)
+        self._writer = AsyncWriter(writer, self.max_pending)
+
+    def checkpoint(self, arrays: Mapping[str, Any] | None = None,
+                   meta: Mapping[str, Any] | None = None) -> None:
+        """Store the training state at the start of round ``self.round`` (call between an
+        optimizer step and the next forward): model, optimizer and RNG state, plus the
+        caller's ``arrays`` (numbers only, e.g. the data order) and JSON ``meta``. A later
+        ``Recorder(..., resume=True)`` continues from the latest checkpoint."""
+        if self._writer is None or self._closed:
+            raise UsageError("checkpoint() needs a running recorder that has recorded a round")
+        state, info = capture(self.model, self.optimizer)
+        for k, v in (arrays or {}).items():
+            state[f"user.{k}"] = np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor)
+                                            else v)
+        info["user"] = _json_safe(dict(meta or {}))
+        self._submit()
+        self._writer.submit(PendingCheckpoint(self.round, state, info))
 
     @torch.no_grad()
     def _taylor(self, n: int, log: Any, output: torch.Tensor, target: torch.Tensor,
                 indices: Any) -> PendingTaylor:
+        assert self._extract is not None
         s = self.sampling.samples_per_round
-        calls = log.calls
-        weights = [cl.handler.weight(cl.module).detach() for cl in self.layers]
-        pre = [calls[cl.call_index].output[:s].detach() for cl in self.layers]
-        jacs = jacobians_recursive(weights, [cl.activation for cl in self.layers], pre)
-        layers = {}
-        for cl, W, a, J in zip(self.layers, weights, pre, jacs, strict=True):
-            bias = cl.handler.bias(cl.module)
-            x = calls[cl.call_index].input[:s].detach().reshape(s, -1)
-            layers[cl.name] = PendingLayer(
-                weight=_to_host(W), input=_to_host(x),
-                bias=None if bias is None else _to_host(bias),
-                jacobian=None if J is None else _to_host(J[..., self.tracked[cl.name]], False),
-                states=_to_host(a > 0, False) if cl.activation.has_mask else None,
+        data = self._extract.layers(log)
+        layers = {
+            name: PendingLayer(
+                weight=_to_host(d.weight), input=_to_host(d.input.reshape(s, *d.input.shape[1:])),
+                bias=None if d.bias is None else _to_host(d.bias),
+                jacobian=None if d.jacobian is None else _to_host(d.jacobian, False),
+                states=None if d.states is None else _to_host(d.states, False),
+                states_high=None if d.states_high is None else _to_host(d.states_high, False),
+                slope=None if d.slope is None else _to_host(d.slope.reshape(-1)),
             )
+            for name, d in data.items()
+        }
+        modules = {k: _to_host(v, False) for k, v in self._extract.module_states(log).items()}
         out = output[:s].detach()
         tgt = target[:s].detach()
-        if self.loss_spec.id == "cross_entropy":
+        classes = self.loss_spec.id in CLASS_TARGET_LOSSES
+        if classes:
             tgt = tgt.long()
         sample_loss = per_sample_loss(self.loss_spec.id, out, tgt)
         if indices is None:
@@ -287,8 +377,8 @@ class Recorder:
             idx = torch.as_tensor(np.asarray(indices)[:s] if not isinstance(indices, torch.Tensor)
                                   else indices[:s]).to(torch.int64)
         return PendingTaylor(n, _to_host(idx), _to_host(sample_loss, False), _to_host(out),
-                             _to_host(tgt.float() if self.loss_spec.id == "mse" else tgt),
-                             layers)
+                             _to_host(tgt if classes else tgt.float()),
+                             layers, modules)
 
     def _stage_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The round's loss for the writer. On CUDA it goes into a device buffer, copied to
@@ -317,15 +407,9 @@ class Recorder:
         batch, self._batch = self._batch, []
         self._writer.submit(batch)
 
-    @torch.no_grad()
     def _snapshot(self) -> torch.Tensor:
-        assert self.probe is not None
-        self._watcher.capture = True
-        self.model(self.probe)
-        calls = self._watcher.log.calls
-        states = torch.cat([calls[cl.call_index].output.reshape(len(self.probe), -1) > 0
-                            for cl in self._mask_layers], dim=1)
-        return _to_host(states, False)
+        assert self.probe is not None and self._extract is not None
+        return _to_host(self._extract.probe_states(self.probe), False)
 
     def close(self, status: str = "complete", reason: str | None = None) -> None:
         """Flush every pending round and close the trace with ``status``."""

@@ -36,7 +36,10 @@ class RunOptions:
     sampling: Sampling | None = None  # None: the task's default
     probe_size: int | None = None  # None: the task's default
     probe_every: int | None = None
+    max_jacobian_memory: int = 256 << 20
     record: bool = True
+    resume: bool = False  # continue the trace at ``out`` from its last checkpoint
+    checkpoint_every: int | None = None  # rounds between checkpoints [default: each epoch]
 
 
 @dataclass
@@ -106,7 +109,7 @@ def run_task(task: Task, opts: RunOptions,
 
     torch.manual_seed(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
-    model = task.build(x_np.shape[1]).to(device)
+    model = task.build(tuple(x_np.shape[1:])).to(device)
     optimizer = make_optimizer(opts.optimizer, model.parameters(), lr)
     x = torch.as_tensor(x_np, device=device)
     y = torch.as_tensor(x_np if task.target == "input" else y_np, device=device)
@@ -119,24 +122,42 @@ def run_task(task: Task, opts: RunOptions,
             n, size=min(probe_size, n), replace=False)) if probe_size > 0 else None
         rec = Recorder(
             model, opts.out, loss=task.loss, optimizer=optimizer,
-            sampling=opts.sampling or task.sampling,
+            sampling=None if opts.resume else (opts.sampling or task.sampling),
             probe=None if probe_idx is None else x[torch.as_tensor(probe_idx, device=device)],
             probe_index=probe_idx, probe_every=opts.probe_every, expected_rounds=total,
             rounds_per_epoch=per_epoch, overwrite=opts.overwrite,
+            max_jacobian_memory=opts.max_jacobian_memory, resume=opts.resume,
             run={"task": task.name, "seed": opts.seed, "batch_size": bs,
                  "epochs": math.ceil(total / per_epoch),
                  "dataset": task.describe_data(x_np, opts.data_dir),
-                 "learning_rate": lr, "optimizer_choice": opts.optimizer},
+                 "learning_rate": lr, "optimizer_choice": opts.optimizer, "steps": total},
         )
+    every = opts.checkpoint_every or per_epoch
+    done, order, first = 0, None, 0
+    if rec is not None and rec.resumed is not None:  # continue exactly where it stopped
+        ck = rec.resumed
+        done, first = ck.round, int(ck.meta["user"]["epoch_position"])
+        order = torch.from_numpy(ck.arrays["user.data.order"])
+        gen.set_state(torch.from_numpy(ck.arrays["user.data.rng"]))
     start = time.perf_counter()
     last = float("nan")
-    done = 0
+    b = first
+
+    def checkpoint() -> None:
+        assert rec is not None and order is not None
+        rec.checkpoint({"data.order": order, "data.rng": gen.get_state()},
+                       {"epoch_position": b})
+
     try:
         while done < total:
-            order = torch.randperm(n, generator=gen)
-            for b in range(per_epoch):
+            if order is None:
+                order, first = torch.randperm(n, generator=gen), 0
+            for b in range(first, per_epoch):  # noqa: B007 - checkpoint() reads b
                 if done >= total:
                     break
+                if rec is not None and done > 0 and done % every == 0 and \
+                        (rec.resumed is None or done > rec.resumed.round):
+                    checkpoint()
                 idx = order[b * bs:(b + 1) * bs]
                 idx_dev = idx.to(device)
                 xb, yb = x[idx_dev], y[idx_dev]
@@ -150,9 +171,14 @@ def run_task(task: Task, opts: RunOptions,
                 done += 1
                 if progress is not None:
                     progress(Progress(done, total, None, time.perf_counter() - start))
-        last = float(loss.detach())
+            else:
+                b, order = per_epoch, None
         if rec is not None:
+            if order is None:  # at an epoch boundary: the next epoch draws a new order
+                order, b = torch.randperm(n, generator=gen), 0
+            checkpoint()  # so that a finished run can be extended with --resume --steps
             rec.close()
+        last = float(loss.detach()) if done else last
     except BaseException as exc:
         if rec is not None:
             rec.__exit__(type(exc), exc, exc.__traceback__)

@@ -261,7 +261,8 @@ def test_info_on_missing_and_non_trace_paths(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("name", "needle"), [
     ("wrong-dims", "is not a valid trace: layers/fc1/input: dimension_names"),
-    ("unknown-major-version", "upgrade ntrace"),
+    ("unknown-major-version", "needs a newer ntrace (this is 0.1.0, which reads format 1.x): "
+                              "pip install -U ntrace"),
 ])
 def test_info_refuses_invalid_traces(name: str, needle: str) -> None:
     line = check(invoke("info", str(EXAMPLES / "invalid" / f"{name}.zarr")),

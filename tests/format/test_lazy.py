@@ -12,6 +12,7 @@ import pytest
 import xarray as xr
 import zarr.storage
 
+from ntrace.format.metadata import FORMAT_VERSION
 from ntrace.format.reader import open_trace
 
 
@@ -54,7 +55,7 @@ def test_plain_xarray_opens_a_finished_trace(ae_trace: Path) -> None:
     ds = tree["layers/fc2"].to_dataset()
     assert ds["jacobian"].dims == ("taylor_round", "sample", "output_unit", "tracked")
     assert ds.sizes["taylor_round"] == 20 and ds.sizes["tracked"] == 30
-    assert tree.attrs["ntrace"]["format_version"] == "1.0"
+    assert tree.attrs["ntrace"]["format_version"] == FORMAT_VERSION
 
 
 def test_lazy_xarray_views_are_cut_to_the_commit(ae_trace: Path,

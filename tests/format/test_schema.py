@@ -14,10 +14,12 @@ from jsonschema import Draft202012Validator
 
 from ntrace.errors import InvalidTraceError, UnsupportedVersionError
 from ntrace.format.metadata import (
+    FORMAT_VERSION,
     Activation,
     Commit,
     LayerAttrs,
     LossSpec,
+    ModuleAttrs,
     ProbeUnits,
     Sampling,
     TraceAttrs,
@@ -27,8 +29,9 @@ from ntrace.format.reader import open_trace
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA_DIR = REPO / "spec" / "schema"
 VALID = sorted((REPO / "spec" / "examples" / "valid").glob("*.zarr"))
-KINDS = ("trace", "layer", "probe", "group")
-PARSERS: dict[str, Any] = {"trace": TraceAttrs, "layer": LayerAttrs, "probe": ProbeUnits}
+KINDS = ("trace", "layer", "probe", "group", "module", "checkpoint")
+PARSERS: dict[str, Any] = {"trace": TraceAttrs, "layer": LayerAttrs, "probe": ProbeUnits,
+                          "module": ModuleAttrs}
 
 
 def _validator(kind: str) -> Draft202012Validator:
@@ -52,7 +55,8 @@ def node_docs(trace: Path) -> Iterator[tuple[str, str, dict[str, Any]]]:
             continue
         node = meta.parent.relative_to(trace).as_posix()
         attrs = doc["attributes"]["ntrace"]
-        kind = {"trace": "trace", "layer": "layer", "probe": "probe"}.get(attrs["node"], "group")
+        kind = {"trace": "trace", "layer": "layer", "probe": "probe", "module": "module",
+                "checkpoint": "checkpoint"}.get(attrs["node"], "group")
         yield ("" if node == "." else node), kind, attrs
 
 
@@ -83,7 +87,7 @@ def test_schema_is_a_versioned_draft_2020_12_schema(kind: str) -> None:
     schema = json.loads((SCHEMA_DIR / f"{kind}.json").read_text())
     Draft202012Validator.check_schema(schema)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert schema["$id"] == f"https://ntrace.dev/schema/1.0/{kind}.json"
+    assert schema["$id"] == f"https://ntrace.dev/schema/{FORMAT_VERSION}/{kind}.json"
     assert schema.get("additionalProperties", True) is True  # minor versions may add keys
 
 
@@ -94,7 +98,39 @@ def test_valid_example_documents_match_the_schemas(trace: Path) -> None:
     for node, kind, doc in node_docs(trace):
         assert schema_errors(kind, doc) == [], f"{trace.name}:{node or '/'}"
         seen.add(kind)
-    assert seen == set(KINDS)
+    assert seen == set(KINDS) - {"module", "checkpoint"}  # no pooling, dropout, checkpoints
+
+
+def test_graph_trace_documents_match_the_schemas(tmp_path: Path) -> None:
+    """A recorded convnet with pooling and dropout: conv geometry, modules, structure."""
+    import torch
+    from torch import nn
+
+    from ntrace.record import record
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Dropout(0.5), nn.Linear(16, 3), nn.PReLU(),
+                          nn.Linear(3, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with record(model, tmp_path / "g.zarr", loss="cross_entropy", optimizer=opt,
+                sampling=Sampling(taylor_every=1, samples_per_round=2),
+                probe=torch.randn(5, 1, 4, 4), probe_every=2) as rec:
+        for _ in range(3):
+            x, y = torch.randn(4, 1, 4, 4), torch.randint(0, 2, (4,))
+            out = model(x)
+            loss = torch.nn.functional.cross_entropy(out, y)
+            rec.step(loss, out, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    seen = set()
+    for node, kind, doc in node_docs(tmp_path / "g.zarr"):
+        assert schema_errors(kind, doc) == [], node
+        seen.add(kind)
+        if kind in PARSERS:
+            assert PARSERS[kind].from_dict(doc).to_dict() == doc
+    assert seen == set(KINDS) - {"checkpoint"}
 
 
 def test_fresh_recordings_match_the_schemas(ae_trace: Path, ce_trace: Path) -> None:
@@ -137,7 +173,7 @@ def test_from_dict_to_dict_round_trips(trace: Path) -> None:
         parsed = PARSERS[kind].from_dict(doc)
         again = PARSERS[kind].from_dict(json.loads(json.dumps(parsed.to_dict())))
         assert again == parsed
-        if doc["format_version"] == "1.0":
+        if doc["format_version"] == FORMAT_VERSION:
             assert parsed.to_dict() == {k: v for k, v in doc.items()}
 
 
@@ -190,7 +226,8 @@ def test_newer_major_version_is_refused_naming_the_upgrade(kind: str) -> None:
     with pytest.raises(UnsupportedVersionError) as info:
         PARSERS[kind].from_dict(doc)
     msg = str(info.value)
-    assert "2.0" in msg and "upgrade ntrace" in msg and "1.x" in msg
+    assert "2.0" in msg and "needs a newer ntrace" in msg and "pip install -U ntrace" in msg
+    assert "1.x" in msg
     assert isinstance(info.value, InvalidTraceError)
     assert schema_errors(kind, doc) != []
 

@@ -41,7 +41,13 @@ REASON = {
     "unknown-major-version": "trace format version 2.0 is not readable by ntrace",
     "corrupt-chunk": "layers/fc1/weight: row 0 unreadable: ValueError: Stored and computed "
                      "checksum do not match",
-    "schema-violation": "loss.id: expected one of mse, cross_entropy, found 'hinge'",
+    "corrupt-json": "layers/fc1/zarr.json: not a valid JSON document (JSONDecodeError: ",
+    "empty-chunk": "layers/fc1/weight/c/0/0/0: chunk of 0 bytes is shorter than a blosc header "
+                   "(truncated)",
+    "wrong-size-chunk": "layers/fc1/bias/c/0/0: the chunk's blosc header declares 1536 decoded "
+                        "bytes, but a chunk of this array holds 512",
+    "schema-violation": "loss.id: expected one of mse, cross_entropy, bce_with_logits, nll, "
+                        "found 'hinge'",
     "negative-taylor-every": "sampling.taylor_every: expected an integer >= 1, found -3",
     "group-attributes-missing": "taylor group: no 'ntrace' attribute",
     "mask-disagrees": "layers/fc1/mask: 1 states in Taylor round 0 disagree with W x + b > 0",
@@ -63,6 +69,7 @@ REASON = {
 STRUCTURAL = {"missing-array", "wrong-dims", "wrong-dtype", "inconsistent-length",
               "extra-rows-complete", "packed-length-mismatch", "unknown-major-version",
               "schema-violation", "negative-taylor-every", "group-attributes-missing",
+              "corrupt-json",
               "probe-size-mismatch"}
 
 
@@ -153,7 +160,8 @@ def test_open_trace_opens_examples_broken_only_in_their_data(name: str) -> None:
 
 
 def test_open_trace_refuses_a_newer_major_version_naming_the_upgrade() -> None:
-    with pytest.raises(UnsupportedVersionError, match=r"upgrade ntrace \(pip install -U ntrace\)"):
+    with pytest.raises(UnsupportedVersionError, match=r"needs a newer ntrace \(this is 0\.1\.0, "
+                       r"which reads format 1\.x\): pip install -U ntrace"):
         open_trace(example("unknown-major-version"))
 
 
@@ -222,7 +230,11 @@ def test_cli_validate_missing_trace(tmp_path: Path) -> None:
 def _ntrace_docs(trace: Path) -> dict[str, object]:
     out = {}
     for meta in sorted(trace.rglob("zarr.json")):
-        doc = json.loads(meta.read_text())
+        try:
+            doc = json.loads(meta.read_text())
+        except ValueError:  # the corrupt-json example: compare the bytes instead
+            out[meta.parent.relative_to(trace).as_posix()] = meta.read_bytes()
+            continue
         out[meta.parent.relative_to(trace).as_posix()] = (doc.get("attributes") or {}).get(
             "ntrace")
     return out

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from ntrace.format.metadata import Activation
-from ntrace.record.chain import Watcher, discover
 from ntrace.record.jacobian import jacobians_autograd, jacobians_recursive
+from ntrace.record.structure import Watcher, discover
 
 
 def chain(final: nn.Module | None) -> nn.Sequential:
@@ -27,7 +27,7 @@ def test_recursion_matches_autograd(final: nn.Module | None, mode: str) -> None:
     x = torch.randn(9, 7, dtype=torch.float64)
     watcher = Watcher(model)
     model(x)
-    layers = discover(watcher.log, model)
+    layers = discover(watcher.log, model).layers
     pre = [watcher.log.calls[cl.call_index].output.detach() for cl in layers]
     watcher.remove()
     fast = jacobians_recursive([cl.module.weight.detach() for cl in layers],

@@ -1,0 +1,70 @@
+"""``ntrace pack`` and ``ntrace verify``: share a trace as one checksummed ``.zip``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.console import Console
+
+from ntrace.cli import handle_errors
+
+
+@click.command()
+@click.argument("trace")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True, help="replace OUT if it is a trace packed by ntrace")
+@click.option("--validate", "deep", is_flag=True,
+              help="validate every committed row first (default: structure only)")
+@handle_errors
+def pack(trace: str, out: str, overwrite: bool, deep: bool) -> None:
+    """Pack TRACE (a directory, .zip or URL) into the single file OUT (.zip) with a manifest
+    of SHA-256 checksums; every ntrace command reads OUT directly."""
+    from rich.progress import Progress
+
+    from ntrace.format.pack import pack_trace
+    from ntrace.format.summary import human_bytes
+
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        job = bar.add_task("packing", total=None)
+        result = pack_trace(trace, out, overwrite=overwrite, validate=deep,
+                            progress=lambda done, total: bar.update(job, completed=done,
+                                                                    total=total))
+    c = result.commit
+    note = "" if result.status == "complete" else f", status {result.status}"
+    click.echo(f"packed {trace} → {result.path}: {result.objects} objects, "
+               f"{human_bytes(result.bytes)}, format {result.format_version}, {c['rounds']} "
+               f"rounds, {c['taylor_rounds']} Taylor rounds, {c['snapshots']} snapshots{note}")
+    if result.skipped:
+        more = f" and {len(result.skipped) - 3} more" if len(result.skipped) > 3 else ""
+        click.echo(f"left out {len(result.skipped)} stray file(s) that belong to no node: "
+                   f"{', '.join(result.skipped[:3])}{more}", err=True)
+
+
+@click.command()
+@click.argument("archive", type=click.Path())
+@handle_errors
+def verify(archive: str) -> None:
+    """Check every member of ARCHIVE (made by `ntrace pack`) against the SHA-256 in its
+    manifest; exit 1 listing every mismatch."""
+    from rich.progress import Progress
+
+    from ntrace.format.pack import verify_pack
+
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        job = bar.add_task("verifying", total=None)
+        report = verify_pack(archive, progress=lambda done, total: bar.update(
+            job, completed=done, total=total))
+    if report.ok:
+        m = report.manifest or {}
+        c = m.get("commit") or {}
+        click.echo(f"verified: {archive}: {report.objects} objects match their SHA-256 "
+                   f"(format {m.get('format_version')}, {c.get('rounds')} rounds, status "
+                   f"{m.get('status')})")
+        return
+    click.echo(f"corrupt: {archive}: {len(report.reasons)} problem(s)", err=True)
+    for reason in report.reasons:
+        click.echo(f"  - {reason}", err=True)
+    sys.exit(1)

@@ -1,0 +1,365 @@
+"""One-file sharing: pack a trace into a ``.zip`` with a checksum manifest, and verify one.
+
+The archive uses zarr-python's ``ZipStore`` layout (each Zarr key is a member of the same
+name, stored uncompressed since chunks are compressed already), so ``open_trace``,
+``ntrace info`` and ``ntrace validate`` read it directly, and plain
+``zarr.open_group(zarr.storage.ZipStore(path))`` does too. Its root ``zarr.json`` carries
+consolidated metadata; the member ``ntrace-manifest.json`` lists every other member with its
+size and SHA-256, the format version, status and commit of the trace. ``spec/sharing.md`` is
+the normative description.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import uuid
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from ntrace.errors import InvalidTraceError, NtraceError, TraceExistsError, UsageError
+from ntrace.format import limits
+from ntrace.format.metadata import ATTR_KEY
+from ntrace.format.safe import MANIFEST, PARTIAL, one_line, parse_document
+from ntrace.format.store import Location, is_url, open_location
+
+MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 256 * limits.MiB
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member times: packing the same trace twice is identical
+BLOCK = 1 << 20
+
+
+@dataclass
+class PackResult:
+    """What ``pack_trace`` wrote: ``objects`` members besides the manifest, ``skipped`` keys of
+    the source that belong to no node (stray files), ``bytes`` the archive size."""
+
+    path: Path
+    objects: int
+    bytes: int
+    format_version: str
+    status: str
+    commit: dict[str, int]
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of ``verify_pack``: ``reasons`` is empty when every member matches."""
+
+    path: str
+    reasons: list[str] = field(default_factory=list)
+    objects: int = 0
+    manifest: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.reasons
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _member(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def _check_output(out: Path, source: Location, overwrite: bool) -> None:
+    if out.suffix != ".zip":
+        raise UsageError(f"the packed trace must be a .zip file, found {out}")
+    if source.kind == "dir":
+        src = source.path.resolve()
+        o = out.resolve()
+        if src == o or src in o.parents:
+            raise UsageError(f"refusing to write {out} inside the trace {source}")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise TraceExistsError(f"{out} already exists; pass --overwrite to replace it")
+        if not (out.is_file() and zipfile.is_zipfile(out) and _has_manifest(out)):
+            raise UsageError(f"refusing to overwrite {out}: it is not a trace packed by ntrace; "
+                             "remove it yourself or choose another output path")
+    if not out.parent.is_dir():
+        raise UsageError(f"cannot write {out}: directory {out.parent} does not exist")
+
+
+def _has_manifest(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return MANIFEST in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def pack_trace(trace: str | os.PathLike[str], out: str | os.PathLike[str], *,
+               overwrite: bool = False, validate: bool = False,
+               progress: Callable[[int, int], None] | None = None) -> PackResult:
+    """Pack the trace at ``trace`` (directory, ``.zip`` or URL) into the zip ``out``.
+
+    The trace must pass the structural checks every reader runs; with ``validate`` it must
+    also pass the full validation. A trace still being written is packed as it is at the
+    moment its root document is read: its commit record and the rows it counts (rows past
+    the commit, which readers ignore, are copied as found). The archive is written to a
+    temporary file and renamed into place, so ``out`` is never left half written.
+    """
+    from ntrace.format.reader import load_structure
+
+    if is_url(out):
+        raise UsageError(f"cannot write {out}: pack writes a local .zip file; upload it "
+                         "afterwards")
+    out_path = Path(out)
+    if validate:
+        from ntrace.format.validate import validate_trace
+
+        report = validate_trace(trace)
+        if not report.ok:
+            raise InvalidTraceError(f"{trace} does not validate, not packing it: "
+                                    f"{report.reasons[0]}", report.reasons)
+    loc, root = open_location(trace, "r")
+    try:
+        _check_output(out_path, loc, overwrite)
+        attrs, _, _, _, reasons = load_structure(root, loc.text)
+        if reasons:
+            raise InvalidTraceError(f"{loc} is not a valid trace, not packing it: {reasons[0]}",
+                                    reasons)
+        store = loc.store
+        root_doc = store.documents.get(limits.DOCUMENT)  # the version whose commit we read
+        if root_doc is None:
+            raise InvalidTraceError(f"{loc}: the root zarr.json was not read")
+        tmp = out_path.parent / f".{out_path.name}.{uuid.uuid4().hex[:12]}{PARTIAL}"
+        try:
+            result = _write(store, root_doc, attrs, tmp, out_path, progress)
+            os.replace(tmp, out_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        result.bytes = out_path.stat().st_size
+        return result
+    finally:
+        loc.close()
+
+
+def _list_keys(store: Any) -> list[str]:
+    async def collect() -> list[str]:
+        return [k async for k in store.list()]
+
+    return sorted(sync(collect()))
+
+
+def _get(store: Any, key: str) -> bytes | None:
+    buf = sync(store.get(key, default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def _write(store: Any, root_doc: dict[str, Any], attrs: Any, tmp: Path, out: Path,
+           progress: Callable[[int, int], None] | None) -> PackResult:
+    keys = [k for k in _list_keys(store) if k != MANIFEST and k != limits.DOCUMENT]
+    docs = [k for k in keys if k.rsplit("/", 1)[-1] == limits.DOCUMENT]
+    nodes: dict[str, dict[str, Any]] = {}
+    arrays: set[str] = set()
+    for key in docs:
+        raw = _get(store, key)
+        if raw is None:
+            continue  # removed meanwhile
+        doc = parse_document(key, raw)
+        path = key[: -len(limits.DOCUMENT) - 1]
+        nodes[path] = doc
+        if doc.get("node_type") == "array":
+            arrays.add(path)
+    chunks: list[str] = []
+    skipped: list[str] = []
+    for key in keys:
+        if key in docs:
+            continue
+        parts = key.split("/")
+        inside = any("/".join(parts[:n]) in arrays for n in range(1, len(parts)))
+        (chunks if inside else skipped).append(key)
+    consolidated = {"kind": "inline", "must_understand": False,
+                    "metadata": {p: {k: v for k, v in d.items() if k != "consolidated_metadata"}
+                                 for p, d in sorted(nodes.items())}}
+    top = {**root_doc, "consolidated_metadata": consolidated}
+    objects: dict[str, dict[str, Any]] = {}
+    total = len(nodes) + len(chunks) + 1
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+
+        def put(key: str, data: bytes) -> None:
+            zf.writestr(_member(key), data)
+            objects[key] = {"size": len(data), "sha256": _sha256(data)}
+            if progress is not None:
+                progress(len(objects), total)
+
+        for path, doc in sorted(nodes.items()):
+            put(f"{path}/{limits.DOCUMENT}", _dumps(doc))
+        for key in chunks:
+            data = _get(store, key)
+            if data is not None:  # a chunk past the commit removed meanwhile by a live writer
+                put(key, data)
+        put(limits.DOCUMENT, _dumps(top))
+        ntrace = root_doc.get("attributes", {}).get(ATTR_KEY, {})
+        manifest = {
+            "ntrace_manifest": MANIFEST_VERSION,
+            "format_version": attrs.format_version,
+            "status": attrs.status,
+            "commit": attrs.commit.to_dict(),
+            "packed_by": f"ntrace {_version()}",
+            "created": ntrace.get("created"),
+            "algorithm": "sha256",
+            "objects": objects,
+        }
+        zf.writestr(_member(MANIFEST), _dumps(manifest))
+    return PackResult(out, len(objects), 0, attrs.format_version, attrs.status,
+                      attrs.commit.to_dict(), skipped)
+
+
+def _dumps(doc: Any) -> bytes:
+    return json.dumps(doc, indent=2, allow_nan=False).encode()
+
+
+def _version() -> str:
+    from ntrace import __version__
+
+    return __version__
+
+
+# -- verifying -------------------------------------------------------------------------------
+def verify_pack(path: str | os.PathLike[str],
+                progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Check every member of a packed trace against its manifest entry (size and SHA-256),
+    that no member is missing or unlisted, and that the manifest describes the root."""
+    report = VerifyReport(str(path))
+    p = Path(path)
+    if not p.exists():
+        from ntrace.errors import TraceNotFoundError
+
+        raise TraceNotFoundError(f"no packed trace at {p}: the path does not exist")
+    if not p.is_file():
+        raise UsageError(f"{p} is not a file: verify checks a .zip made by `ntrace pack`")
+    try:
+        with zipfile.ZipFile(p) as zf:
+            infos = zf.infolist()
+            try:
+                limits.check_zip_members(infos, str(p))
+            except InvalidTraceError as exc:
+                report.reasons.append(str(exc))
+                return report
+            _verify(zf, {i.filename: i for i in infos}, report, progress)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, struct.error,
+            NotImplementedError) as exc:
+        report.reasons.append(f"{p}: not a readable zip archive ({one_line(exc)})")
+    return report
+
+
+def _read_member(zf: zipfile.ZipFile, name: str) -> bytes:
+    with zf.open(name) as f:
+        return f.read()
+
+
+def _verify(zf: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], report: VerifyReport,
+            progress: Callable[[int, int], None] | None) -> None:
+    r = report.reasons
+    if MANIFEST not in infos:
+        r.append(f"no {MANIFEST}: this zip was not made by `ntrace pack` (nothing to verify "
+                 "against)")
+        return
+    if infos[MANIFEST].file_size > MAX_MANIFEST_BYTES:
+        r.append(f"{MANIFEST}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; refusing to read it")
+        return
+    try:
+        manifest = json.loads(_read_member(zf, MANIFEST))
+    except (ValueError, RecursionError, zipfile.BadZipFile, EOFError, NotImplementedError,
+            RuntimeError, zlib.error) as exc:
+        r.append(f"{MANIFEST}: not a valid JSON document ({one_line(exc)})")
+        return
+    if not isinstance(manifest, dict):
+        r.append(f"{MANIFEST}: expected a JSON object")
+        return
+    report.manifest = manifest
+    version = manifest.get("ntrace_manifest")
+    if not isinstance(version, int) or isinstance(version, bool):
+        r.append(f"{MANIFEST}: 'ntrace_manifest' must be an integer, found {version!r}")
+        return
+    if version > MANIFEST_VERSION:
+        r.append(f"{MANIFEST}: manifest version {version} needs a newer ntrace (this is "
+                 f"{_version()}, which reads manifest version {MANIFEST_VERSION}): "
+                 "pip install -U ntrace")
+        return
+    if manifest.get("algorithm") != "sha256":
+        r.append(f"{MANIFEST}: unknown checksum algorithm {manifest.get('algorithm')!r}")
+        return
+    objects = manifest.get("objects")
+    if not isinstance(objects, dict):
+        r.append(f"{MANIFEST}: 'objects' must map member names to size and sha256")
+        return
+    names = sorted(objects)
+    for n, name in enumerate(names):
+        entry = objects[name]
+        if progress is not None:
+            progress(n + 1, len(names))
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            r.append(f"{MANIFEST}: entry for {name!r} has no sha256")
+            continue
+        info = infos.get(name)
+        if info is None:
+            r.append(f"{name}: listed in the manifest but missing from the zip")
+            continue
+        if entry.get("size") != info.file_size:
+            r.append(f"{name}: {info.file_size} bytes, the manifest says {entry.get('size')}")
+            continue
+        digest = hashlib.sha256()
+        try:
+            with zf.open(info) as f:
+                while block := f.read(BLOCK):
+                    digest.update(block)
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError,
+                ValueError, zlib.error) as exc:
+            r.append(f"{name}: unreadable member ({one_line(exc)})")
+            continue
+        if digest.hexdigest() != entry["sha256"]:
+            r.append(f"{name}: sha256 {digest.hexdigest()[:16]}… differs from the manifest's "
+                     f"{entry['sha256'][:16]}… (the member was changed or corrupted)")
+        if len(r) > 50:
+            r.append("too many problems; stopping")
+            return
+    report.objects = len(names)
+    unlisted = sorted(set(infos) - set(objects) - {MANIFEST})
+    if unlisted:
+        more = f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else ""
+        r.append(f"members not listed in the manifest: {', '.join(unlisted[:3])}{more}")
+    _check_root(zf, infos, manifest, r)
+
+
+def _check_root(zf: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo],
+                manifest: dict[str, Any], r: list[str]) -> None:
+    info = infos.get(limits.DOCUMENT)
+    if info is None:
+        r.append("zarr.json: the zip holds no root document")
+        return
+    if info.file_size > limits.MAX_ROOT_DOCUMENT_BYTES:
+        r.append("zarr.json: larger than ntrace reads (spec/security.md)")
+        return
+    try:
+        doc = parse_document(limits.DOCUMENT, _read_member(zf, limits.DOCUMENT))
+    except (NtraceError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError,
+            zlib.error) as exc:
+        r.append(str(exc))
+        return
+    attrs = (doc.get("attributes") or {}).get(ATTR_KEY) if isinstance(
+        doc.get("attributes"), dict) else None
+    if not isinstance(attrs, dict):
+        r.append("zarr.json: the root carries no 'ntrace' attributes")
+        return
+    for key in ("format_version", "status", "commit"):
+        if attrs.get(key) != manifest.get(key):
+            r.append(f"{MANIFEST}: {key} {manifest.get(key)!r} differs from the root's "
+                     f"{attrs.get(key)!r}")

@@ -1,0 +1,264 @@
+"""Reading an untrusted store: every failure becomes one :class:`InvalidTraceError` line.
+
+``GuardedStore`` wraps the zarr store a reader uses. It hides ``*.partial`` files (temporary
+files of a writer that died, spec 'Commit protocol'), reads each ``zarr.json`` with a bounded
+ranged request and parses it before zarr does (refusing oversized, garbled or too deeply
+nested documents, and arrays whose shapes or chunks exceed :mod:`ntrace.format.limits`), and
+checks the declared size of each chunk before a codec allocates it. ``SafeGroup`` is the zarr
+group readers navigate: a member whose metadata zarr cannot parse raises an
+``InvalidTraceError`` naming its ``zarr.json`` instead of whatever zarr raised. ``unreadable``
+does the same for chunk data.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import RangeByteRequest
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import LocalStore, WrapperStore
+
+from ntrace.errors import InvalidTraceError, NtraceError
+from ntrace.format import limits
+
+PARTIAL = ".partial"
+MANIFEST = "ntrace-manifest.json"  # written by ``ntrace pack``; not a node of the hierarchy
+MESSAGE_LIMIT = 300
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, at most ``MESSAGE_LIMIT`` characters."""
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
+
+
+def document_key(path: str) -> str:
+    """The key of the metadata document of the node at ``path`` ('' is the root)."""
+    path = path.strip("/")
+    return f"{path}/{limits.DOCUMENT}" if path else limits.DOCUMENT
+
+
+def _size(n: int) -> str:
+    return f"{n >> 30} GiB" if n >= 1 << 30 else f"{n >> 20} MiB"
+
+
+def parse_document(key: str, raw: bytes) -> dict[str, Any]:
+    """Parse a metadata document, refusing what a reader must not trust."""
+    if len(raw) > limits.document_limit(key):
+        raise InvalidTraceError(f"{key}: metadata document larger than "
+                                f"{_size(limits.document_limit(key))}; refusing to read it "
+                                "(spec/security.md)")
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise InvalidTraceError(f"{key}: metadata document nested too deeply") from None
+    except ValueError as exc:  # includes UnicodeDecodeError
+        raise InvalidTraceError(f"{key}: not a valid JSON document ({one_line(exc)})") from None
+    if not isinstance(doc, dict):
+        raise InvalidTraceError(f"{key}: expected a JSON object, found {type(doc).__name__}")
+    if limits.json_depth(doc) > limits.MAX_JSON_DEPTH:
+        raise InvalidTraceError(f"{key}: metadata document nested deeper than "
+                                f"{limits.MAX_JSON_DEPTH} levels")
+    return doc
+
+
+def _escapes(key: str) -> bool:
+    """True for a key that would name something outside the store's root."""
+    return key.startswith("/") or ".." in key.split("/") or "\\" in key or "\x00" in key
+
+
+class GuardedStore(WrapperStore[Any]):
+    """A store wrapper that enforces :mod:`ntrace.format.limits` on everything read.
+
+    ``documents`` keeps the last parsed version of each metadata document served, so checks
+    on the raw documents see what zarr saw without reading them again.
+    """
+
+    def __init__(self, store: Any, where: str = "") -> None:
+        super().__init__(store)
+        self.where = where or str(store)
+        self.documents: dict[str, dict[str, Any]] = {}
+        self._arrays: dict[str, limits.ChunkSpec] = {}
+
+    def _with_store(self, store: Any) -> GuardedStore:
+        new = type(self)(store, self.where)
+        new.documents, new._arrays = self.documents, self._arrays
+        return new
+
+    def __str__(self) -> str:
+        return str(self._store)
+
+    def __repr__(self) -> str:
+        return f"GuardedStore({self._store!r})"
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        if key.endswith(PARTIAL):
+            return None
+        if _escapes(key):
+            raise InvalidTraceError(f"{key!r}: a key that leaves the trace; refusing to read it")
+        name = key.rsplit("/", 1)[-1]
+        if name == limits.DOCUMENT and byte_range is None:
+            return await self._get_document(key, prototype)
+        if byte_range is not None:
+            return await self._inner_get(key, prototype, byte_range)
+        buf = await self._bounded_get(key, prototype, limits.MAX_STORED_OBJECT_BYTES,
+                                      "stored object")
+        if buf is not None:
+            spec = self._spec_for(key)
+            if spec is not None or len(buf) > limits.MAX_STORED_OBJECT_BYTES:
+                view = memoryview(np.ascontiguousarray(buf.as_numpy_array()).data)  # no copy
+                limits.check_chunk(key, view, spec or limits.ChunkSpec(0, None))
+        return buf
+
+    async def _get_document(self, key: str, prototype: Any) -> Any:
+        buf = await self._bounded_get(key, prototype, limits.document_limit(key),
+                                      "metadata document")
+        if buf is None:
+            return None
+        doc = parse_document(key, buf.to_bytes())
+        if doc.get("node_type") == "array":
+            spec = limits.check_array_document(key, doc)
+            prefix = key[: -len(limits.DOCUMENT)].rstrip("/")
+            if spec is not None:
+                self._arrays[prefix] = spec
+            else:
+                self._arrays.pop(prefix, None)
+        self.documents[key] = doc
+        return buf
+
+    async def _bounded_get(self, key: str, prototype: Any, limit: int, what: str) -> Any:
+        """``key``, refused if larger than ``limit``: a local file's size is checked first (a
+        ranged read would allocate the whole range), other stores get a ranged request of
+        ``limit + 1`` bytes."""
+        if isinstance(self._store, LocalStore):
+            try:
+                size = (Path(self._store.root) / key).stat().st_size
+            except OSError:
+                size = 0  # missing: the store answers None
+            buf = None if size > limit else await self._inner_get(key, prototype, None)
+        else:
+            buf = await self._inner_get(key, prototype, RangeByteRequest(0, limit + 1))
+            size = 0 if buf is None else len(buf)
+        if size > limit:
+            raise InvalidTraceError(f"{key}: {what} larger than {_size(limit)}; refusing to "
+                                    "read it (spec/security.md)")
+        return buf
+
+    async def _inner_get(self, key: str, prototype: Any, byte_range: Any) -> Any:
+        try:
+            return await self._store.get(key, prototype, byte_range)
+        except NtraceError:
+            raise
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
+                ValueError) as exc:  # a damaged zip member (bad CRC, header, method, ...)
+            raise InvalidTraceError(f"{key}: unreadable ({one_line(exc)})") from exc
+
+    def _spec_for(self, key: str) -> limits.ChunkSpec | None:
+        parts = key.split("/")
+        for n in range(len(parts) - 1, 0, -1):
+            spec = self._arrays.get("/".join(parts[:n]))
+            if spec is not None:
+                return spec
+        return None
+
+    async def document(self, path: str, fresh: bool = False) -> dict[str, Any] | None:
+        """The parsed metadata document of the node at ``path`` (None if it has none): the
+        version zarr last read unless ``fresh``."""
+        key = document_key(path)
+        if not fresh and key in self.documents:
+            return self.documents[key]
+        if await self.get(key, default_buffer_prototype()) is None:
+            return None
+        return self.documents[key]
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any]:
+        ranges = [(k, r) for k, r in key_ranges]
+        return [await self.get(k, prototype, r) for k, r in ranges]
+
+    async def _get_many(self, requests: Any) -> Any:
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+    async def exists(self, key: str) -> bool:
+        return not key.endswith(PARTIAL) and not _escapes(key) and await self._store.exists(key)
+
+    async def list(self) -> AsyncIterator[str]:  # type: ignore[override]
+        async for key in self._store.list():
+            if not key.endswith(PARTIAL) and key != MANIFEST:
+                yield key
+
+    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
+        async for key in self._store.list_prefix(prefix):
+            if not key.endswith(PARTIAL) and key != MANIFEST:
+                yield key
+
+    async def list_dir(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
+        top = not prefix.strip("/")
+        async for key in self._store.list_dir(prefix):
+            if not key.endswith(PARTIAL) and not (top and key == MANIFEST):
+                yield key
+
+
+def document(store: Any, path: str) -> dict[str, Any] | None:
+    """Synchronous :meth:`GuardedStore.document` (plain stores are read and parsed too)."""
+    from zarr.core.sync import sync
+
+    if isinstance(store, GuardedStore):
+        return sync(store.document(path))
+    key = document_key(path)
+    buf = sync(store.get(key, default_buffer_prototype()))
+    return None if buf is None else parse_document(key, buf.to_bytes())
+
+
+class SafeGroup(zarr.Group):
+    """A zarr group whose members fail with a one-line ``InvalidTraceError`` naming their
+    ``zarr.json`` when their metadata cannot be read; a missing member is a ``KeyError``."""
+
+    @classmethod
+    def wrap(cls, group: zarr.Group) -> SafeGroup:
+        return group if isinstance(group, SafeGroup) else cls(group._async_group)
+
+    def _where(self, path: str) -> str:
+        base = self._async_group.path
+        return document_key(f"{base}/{path}" if base else path)
+
+    def __getitem__(self, path: str) -> Any:
+        try:
+            obj = super().__getitem__(path)
+        except (KeyError, NtraceError):
+            raise
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise InvalidTraceError(f"{self._where(path)}: unreadable metadata "
+                                    f"({one_line(exc)})") from exc
+        return SafeGroup(obj._async_group) if isinstance(obj, zarr.Group) else obj
+
+    def __contains__(self, member: object) -> bool:
+        try:
+            self[str(member)]
+        except KeyError:
+            return False
+        return True
+
+
+def unreadable(path: str, rows: object, exc: BaseException) -> InvalidTraceError:
+    """The error for chunk data of ``path`` that does not decode (corrupt or truncated)."""
+    if rows is None:
+        where = ""
+    elif isinstance(rows, slice):
+        where = f" rows from {rows.start or 0}"
+    elif isinstance(rows, int | np.integer):
+        where = f" row {int(rows)}"
+    else:
+        where = " selected rows"
+    return InvalidTraceError(f"{path}:{where} unreadable: {one_line(exc)} (a chunk file is "
+                             "corrupt or truncated)")

@@ -1,0 +1,271 @@
+"""Finding the tracked layers of a model by watching one forward pass.
+
+Forward hooks on every leaf module log ``(module, input, output)`` for the current call of
+the root model. ``discover`` turns the log into a :class:`Structure`: the tracked layers
+(modules linear in their weights) in call order, the activation applied directly to each
+layer's output, the max-pool and dropout calls whose states are recorded, and whether the
+model is a plain *chain* (Linear → ReLU-family → Linear …, the fast Jacobian recursion and
+format 1.0's layout) or a general *graph* (Jacobians by autograd).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ntrace.errors import UnsupportedModelError, UsageError
+from ntrace.format.metadata import Activation, Geometry
+from ntrace.record import handlers
+
+POLICIES = ("error", "warn", "skip")
+
+
+@dataclass
+class Call:
+    name: str
+    module: nn.Module
+    input: Any
+    output: Any
+
+
+@dataclass
+class TrackedLayer:
+    """One tracked layer: its module, handler, geometry and the activation on its output."""
+
+    name: str
+    module: nn.Module
+    handler: handlers.LayerHandler
+    call_index: int
+    geometry: Geometry
+    activation: Activation = field(default_factory=lambda: Activation("identity"))
+    act_module: nn.Module | None = None  # the activation module (PReLU's slopes live there)
+    act_call: int | None = None
+
+
+@dataclass
+class StateModule:
+    """A max-pool or dropout call whose per-sample state is recorded."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    call_index: int
+    input_shape: tuple[int, ...]
+
+
+@dataclass
+class Structure:
+    layers: list[TrackedLayer]
+    modules: list[StateModule]
+    kind: str  # "chain" | "graph"
+    identity_output: bool  # the last layer's output is the model output, no activation
+
+
+@dataclass
+class CallLog:
+    """Calls of leaf modules during the latest forward of the root model."""
+
+    calls: list[Call] = field(default_factory=list)
+    output: Any = None
+    active: bool = False
+    args: tuple[Any, ...] = ()  # the root call's positional arguments (the model inputs)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class Watcher:
+    """Installs the hooks and keeps the log of the latest captured forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.log = CallLog()
+        self.capture = True
+        self._names = {m: n for n, m in model.named_modules()}
+        self.paused = False
+        self._handles = [model.register_forward_pre_hook(self._pre_root, with_kwargs=True),
+                         model.register_forward_hook(self._post_root)]
+        for _name, m in model.named_modules():
+            if m is not model and not any(True for _ in m.children()):
+                self._handles.append(m.register_forward_hook(self._leaf))
+
+    def _pre_root(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self.begin(args, kwargs)
+
+    def begin(self, args: Any, kwargs: Any) -> None:
+        """Start the log of a forward of the root model (the root pre-hook calls this; call
+        it yourself when attaching from inside the root's own pre-hooks)."""
+        if not self.paused:
+            self.log = CallLog(active=self.capture, args=tuple(args), kwargs=dict(kwargs))
+
+    def _post_root(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.log.active and not self.paused:
+            self.log.output = output
+            self.log.active = False
+
+    def _leaf(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self.log.active or self.paused:
+            return
+        x = args[0] if args else None
+        self.log.calls.append(Call(self._names.get(module, "?"), module, x, output))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def describe(call: Call) -> str:
+    return f"{call.name} ({type(call.module).__name__})"
+
+
+CHAIN_ACTIVATIONS = ("relu", "leaky_relu")
+
+
+def discover(log: CallLog, model: nn.Module, unsupported: str = "error") -> Structure:
+    """Turn one logged forward into the model's :class:`Structure`, or explain why not."""
+    if unsupported not in POLICIES:
+        raise UsageError(f"unsupported={unsupported!r}; use one of {', '.join(POLICIES)}")
+    calls = log.calls
+    if not calls:
+        raise UnsupportedModelError(
+            "no module calls were seen in the model's forward: call model(x) before "
+            "recorder.step(), and build the model from nn.Module layers (nn.Linear, nn.ReLU)")
+    out = log.output
+    if not isinstance(out, torch.Tensor):
+        raise UnsupportedModelError(f"the model returns {type(out).__name__}, not a tensor; "
+                                    "wrap it so that forward returns the (batch, outputs) tensor")
+    layers: list[TrackedLayer] = []
+    modules: list[StateModule] = []
+    by_output: dict[int, TrackedLayer] = {}
+    seen_layers: set[int] = set()
+    state_calls: dict[int, int] = {}
+    for i, c in enumerate(calls):
+        h = handlers.handler_for(c.module)
+        if h is not None:
+            if id(c.module) in seen_layers:
+                raise UnsupportedModelError(
+                    f"layer {describe(c)} is called twice in one forward; shared weights are "
+                    "not supported by the trace format")
+            seen_layers.add(id(c.module))
+            layer = TrackedLayer(c.name, c.module, h, i,
+                                 h.geometry(c.name, c.module, c.input, c.output))
+            layers.append(layer)
+            by_output[id(c.output)] = layer
+            continue
+        act = handlers.ACTIVATIONS.get(type(c.module))
+        if act is not None:
+            owner = by_output.get(id(c.input))
+            if owner is not None and owner.act_module is None:
+                owner.activation, owner.act_module, owner.act_call = act(c.module), c.module, i
+            continue
+        kind = handlers.STATEFUL.get(type(c.module))
+        if kind is not None:
+            if kind == "dropout" and not c.module.training:
+                continue  # identity in eval mode
+            k = state_calls.get(id(c.module), 0)
+            state_calls[id(c.module)] = k + 1
+            modules.append(StateModule(c.name if k == 0 else f"{c.name}@{k}", c.module, kind, i,
+                                       tuple(c.input.shape[1:])))
+            continue
+        if isinstance(c.module, handlers.EVAL_ONLY) and c.module.training:
+            raise UnsupportedModelError(
+                f"module {describe(c)} is in training mode, where each sample's output depends "
+                "on the whole batch and per-sample Jacobians are undefined; call "
+                f"model.{c.name}.eval() (or use LayerNorm/GroupNorm)")
+        if isinstance(c.module, handlers.PASSTHROUGH):
+            continue
+        _unsupported(c, unsupported)
+    if not layers:
+        raise UnsupportedModelError("the model has no layer ntrace can track (nn.Linear, "
+                                    "nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Embedding)")
+    if out.ndim != 2:
+        raise UsageError(f"the model output must be (batch, outputs); found shape "
+                         f"{tuple(out.shape)} (flatten it in the model)")
+    hidden = hidden_nonlinearities(out, calls)
+    if hidden:
+        _invisible(hidden, unsupported)
+    last = layers[-1]
+    identity = calls[last.call_index].output is out and last.act_module is None
+    kind = "chain" if _is_chain(calls, layers, modules, out) else "graph"
+    return Structure(layers, modules, kind, identity)
+
+
+def _unsupported(c: Call, policy: str) -> None:
+    params = sum(p.numel() for p in c.module.parameters(recurse=False))
+    what = (f"module {describe(c)} is not one ntrace understands"
+            + (f"; its {params} parameters would not be tracked" if params else
+               "; its activation states would not be recorded"))
+    hint = ("supported: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, ReLU, LeakyReLU, "
+            "PReLU, ReLU6, Hardtanh, MaxPool, Dropout, AvgPool, BatchNorm (eval), LayerNorm, "
+            "Flatten, Identity")
+    if policy == "error":
+        raise UnsupportedModelError(
+            f"{what}. Pass unsupported='warn' or 'skip' (CLI: --unsupported warn|skip) to record "
+            f"the rest, with Jacobians exact through it by autograd ({hint})")
+    if policy == "warn":
+        warnings.warn(f"ntrace: {what}; recording the rest", stacklevel=4)
+
+
+# autograd nodes of nonlinear elementwise ops; outside a module call ntrace cannot see them
+NONLINEAR_NODES = ("Relu", "LeakyRelu", "Hardtanh", "Threshold", "Prelu", "MaxPool", "Elu",
+                   "Gelu", "Silu", "Tanh", "Sigmoid", "Softplus", "Mish", "Hardswish",
+                   "Hardsigmoid", "Clamp")
+
+
+def hidden_nonlinearities(out: torch.Tensor, calls: list[Call]) -> list[str]:
+    """Names of nonlinear autograd nodes in the forward that no logged module produced
+    (functional calls such as ``F.relu``): their configurations cannot be recorded."""
+    own = {id(c.output.grad_fn) for c in calls
+           if isinstance(c.output, torch.Tensor) and c.output.grad_fn is not None}
+    found: list[str] = []
+    stack = [out.grad_fn] if out.grad_fn is not None else []
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        name = type(node).__name__
+        if id(node) not in own and name.startswith(NONLINEAR_NODES):
+            found.append(name)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return sorted(set(found))
+
+
+def _invisible(hidden: list[str], policy: str) -> None:
+    what = (f"the forward applies nonlinear operations outside modules ({', '.join(hidden)}: "
+            "functional calls such as F.relu or torch.tanh), whose states ntrace cannot record")
+    if policy == "error":
+        raise UnsupportedModelError(
+            f"{what}; use nn.ReLU-family modules, or pass unsupported='warn' or 'skip' (CLI: "
+            "--unsupported warn|skip) to record without them (Jacobians stay exact)")
+    if policy == "warn":
+        warnings.warn(f"ntrace: {what}", stacklevel=4)
+
+
+def _is_chain(calls: list[Call], layers: list[TrackedLayer], modules: list[StateModule],
+              out: torch.Tensor) -> bool:
+    """Linear → (ReLU|LeakyReLU) → Linear … with each call consuming the previous output."""
+    if modules or any(la.handler.kind != "linear" for la in layers):
+        return False
+    if any(la.act_module is not None and la.activation.kind not in CHAIN_ACTIVATIONS
+           for la in layers):
+        return False
+    expected: list[int] = []
+    for la in layers:
+        expected.append(la.call_index)
+        if la.act_call is not None:
+            expected.append(la.act_call)
+    first = expected[0]
+    for i, c in enumerate(calls):
+        if i < first:
+            if not isinstance(c.module, nn.Flatten | nn.Identity):
+                return False
+        elif i not in expected and not isinstance(c.module, nn.Identity):
+            return False
+        if i > 0 and c.input is not calls[i - 1].output:
+            return False
+    return calls[-1].output is out

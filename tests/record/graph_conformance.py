@@ -1,0 +1,96 @@
+"""Conformance of graph traces against a model of the same architecture (test helper).
+
+For every Taylor round: the stored weights of the tracked layers, loaded into ``model``,
+reproduce the stored network output from the recorded model inputs (with the recorded dropout
+masks replayed); and for every tracked layer, the gradient of the Taylor loss computed from the
+stored factors alone (J and the layer input, through functional ops) equals torch.autograd's
+gradient of the model's mean loss on the recorded samples, on the tracked neurons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from torch import nn
+
+from ntrace.format.bits import unpack
+
+
+def _loss(loss_id: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if loss_id == "mse":
+        return ((f - y) ** 2).flatten(1).mean(1)
+    return F.cross_entropy(f, y, reduction="none")
+
+
+def _functional(kind: str, geo: dict, x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    if kind == "linear":
+        return F.linear(x, V)
+    k = len(geo["stride"])
+    if kind == "conv":
+        op = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[k]
+        return op(x, V, None, geo["stride"], geo["padding"], geo["dilation"], geo["groups"])
+    op = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[k]
+    return op(x, V, None, geo["stride"], geo["padding"], geo["output_padding"], geo["groups"],
+              geo["dilation"])
+
+
+def check_graph_trace(path: Path, model: nn.Module,
+                      model_input: Callable[[zarr.Group, int], torch.Tensor]) -> int:
+    g = zarr.open_group(str(path), mode="r")
+    attrs = g.attrs["ntrace"]
+    loss_id = attrs["loss"]["id"]
+    names = attrs["layers"]
+    mods = dict(model.named_modules())
+    checked = 0
+    for t in range(attrs["commit"]["taylor_rounds"]):
+        for n in names:
+            mods[n].weight.data = torch.tensor(g[f"layers/{n}/weight"][t])
+            if f"layers/{n}/bias" in g:
+                mods[n].bias.data = torch.tensor(g[f"layers/{n}/bias"][t])
+        hooks = []
+        for m in attrs.get("modules", []):
+            doc = g[f"modules/{m}"].attrs["ntrace"]
+            if doc["kind"] != "dropout":
+                continue
+            keep = torch.tensor(unpack(g[f"modules/{m}/state"][t], int(np.prod(
+                doc["input_shape"]))).reshape(-1, *doc["input_shape"]))
+            p = mods[m.split("@")[0]].p
+            hooks.append(mods[m.split("@")[0]].register_forward_hook(
+                lambda mod, a, o, k=keep, p=p: a[0] * k / (1 - p)))
+        model.zero_grad()
+        x = model_input(g, t)
+        f = model(x)
+        for h in hooks:
+            h.remove()
+        y = torch.tensor(g["taylor/target"][t])
+        torch.testing.assert_close(f.detach(), torch.tensor(g["taylor/output"][t]), rtol=1e-4,
+                                   atol=1e-5)
+        _loss(loss_id, f, y).mean().backward()
+        fd = f.detach().requires_grad_(True)
+        _loss(loss_id, fd, y).mean().backward()
+        dl = fd.grad  # ∇_f of the mean loss, (s, p)
+        for n in names:
+            la = g[f"layers/{n}"].attrs["ntrace"]
+            tracked = torch.tensor(g[f"layers/{n}/tracked"][:])
+            x_l = torch.tensor(g[f"layers/{n}/input"][t])
+            if la["jacobian"] == "identity":
+                p_out = dl.shape[1]
+                J = torch.eye(p_out)[:, tracked].expand(len(dl), p_out, len(tracked))
+            else:
+                J = torch.tensor(g[f"layers/{n}/jacobian"][t])
+            V = torch.tensor(g[f"layers/{n}/weight"][t], requires_grad=True)
+            a = _functional(la["kind"], la.get("geometry", {}), x_l, V)
+            delta = torch.einsum("so...,so->s...", J, dl)
+            (a.index_select(1, tracked) * delta).sum().backward()
+            got, want = V.grad, mods[n].weight.grad
+            axis = 1 if la["kind"] == "conv_transpose" else 0
+            got, want = got.index_select(axis, tracked), want.index_select(axis, tracked)
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6 * (1 + want.abs().max()),
+                                       msg=f"layer {n}, Taylor round {t}")
+            checked += 1
+    return checked

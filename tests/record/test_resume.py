@@ -1,0 +1,127 @@
+"""Resume: a run killed or stopped mid-way continues from its last checkpoint and yields the
+same trace as an uninterrupted run with the same seed (CPU, exact)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+
+from ntrace.errors import InvalidTraceError, UsageError
+from ntrace.format.metadata import Sampling
+from ntrace.format.reader import open_trace
+from ntrace.format.validate import validate_trace
+from ntrace.record import Recorder
+from ntrace.tasks import get_task
+from ntrace.tasks.runner import Progress, RunOptions, run_task
+
+SAMPLING = Sampling(taylor_every=3, samples_per_round=4)
+
+
+def options(out: Path, **kw: object) -> RunOptions:
+    return RunOptions(out=str(out), steps=90, optimizer="adam", sampling=SAMPLING, probe_size=40,
+                      **kw)  # type: ignore[arg-type]
+
+
+def assert_same_trace(a_path: Path, b_path: Path) -> None:
+    a, b = open_trace(a_path), open_trace(b_path)
+    assert a.attrs.commit == b.attrs.commit and b.attrs.status == "complete"
+    for p in a.layouts:
+        np.testing.assert_array_equal(a.read(p), b.read(p), err_msg=p)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "full.zarr"
+    run_task(get_task("digits-autoencoder"), options(out))
+    return out
+
+
+def test_resume_after_an_exception_equals_an_uninterrupted_run(tmp_path: Path,
+                                                              uninterrupted: Path) -> None:
+    out = tmp_path / "part.zarr"
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_70(p: Progress) -> None:
+        if p.round == 70:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_task(get_task("digits-autoencoder"), options(out), stop_at_70)
+    tr = open_trace(out)
+    assert tr.attrs.status == "aborted" and tr.rounds == 70
+    assert tr.attrs.checkpoint == {"slot": "b", "round": 56}  # epochs of 28 rounds
+    run_task(get_task("digits-autoencoder"), options(out, resume=True))
+    assert_same_trace(uninterrupted, out)
+    assert validate_trace(out).ok
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path,
+                                                         uninterrupted: Path) -> None:
+    out = tmp_path / "killed.zarr"
+    code = (f"from ntrace.cli import main; main(['record', '--out', {str(out)!r}, '--steps', "
+            "'90', '--optimizer', 'adam', '--taylor-every', '3', '--samples-per-round', '4', "
+            "'--probe-size', '40'])")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # kill once a checkpoint exists
+        try:
+            doc = json.loads((out / "zarr.json").read_text())["attributes"]["ntrace"]
+            if doc.get("checkpoint"):
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert open_trace(out).attrs.status == "running"  # killed: never closed
+    run_task(get_task("digits-autoencoder"), options(out, resume=True))
+    assert_same_trace(uninterrupted, out)
+
+
+def test_a_finished_run_can_be_extended(tmp_path: Path) -> None:
+    out = tmp_path / "ext.zarr"
+    run_task(get_task("digits-autoencoder"),
+             RunOptions(out=str(out), steps=40, sampling=SAMPLING, probe_size=40))
+    run_task(get_task("digits-autoencoder"), RunOptions(out=str(out), steps=70,
+                                                        probe_size=40, resume=True))
+    tr = open_trace(out)
+    assert tr.rounds == 70 and validate_trace(out).ok
+
+
+def test_checkpoints_hold_numbers_only(uninterrupted: Path) -> None:
+    g = zarr.open_group(str(uninterrupted), mode="r", use_consolidated=False)
+    slot = g.attrs["ntrace"]["checkpoint"]["slot"]
+    ck = g[f"checkpoints/{slot}"]
+    kinds = {np.dtype(a.dtype).kind for _, a in ck.arrays()}
+    assert kinds <= {"f", "i", "u", "b"}  # no object arrays: loading runs no code
+    names = {name for name, _ in ck.arrays()}
+    assert {"model.fc1.weight", "rng.torch", "user.data.order"} <= names
+    assert any(n.startswith("optim.") for n in names)
+
+
+def test_resume_refuses_a_different_model_or_a_trace_without_checkpoint(
+        tmp_path: Path, uninterrupted: Path) -> None:
+    with pytest.raises(InvalidTraceError, match="resume with the same model"):
+        Recorder(nn.Sequential(nn.Linear(64, 3)), uninterrupted, resume=True)
+    out = tmp_path / "nock.zarr"
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with Recorder(model, out) as rec:
+        x = torch.randn(8, 4)
+        y = model(x)
+        rec.step(torch.nn.functional.mse_loss(y, torch.zeros(8, 2)), y, torch.zeros(8, 2))
+    with pytest.raises(UsageError, match="holds no checkpoint"):
+        Recorder(model, out, resume=True)
