@@ -75,3 +75,9 @@ class WriterError(NtraceError, OSError):
     """Raised when the background trace writer fails (disk full, permissions, ...)."""
 
     exit_code = 10
+
+
+class EmptyTraceError(NtraceError, ValueError):
+    """Raised when a trace holds no committed rounds of the data an analysis needs."""
+
+    exit_code = 12

@@ -85,8 +85,11 @@ class Watcher:
         self.capture = True
         self._names = {m: n for n, m in model.named_modules()}
         self.paused = False
-        self._handles = [model.register_forward_pre_hook(self._pre_root, with_kwargs=True),
-                         model.register_forward_hook(self._post_root)]
+        self._handles = [model.register_forward_pre_hook(self._pre_root, with_kwargs=True)]
+        if not any(True for _ in model.children()):  # a bare layer: the root is the leaf
+            self._names[model] = type(model).__name__.lower()
+            self._handles.append(model.register_forward_hook(self._leaf))  # before _post_root
+        self._handles.append(model.register_forward_hook(self._post_root))
         for _name, m in model.named_modules():
             if m is not model and not any(True for _ in m.children()):
                 self._handles.append(m.register_forward_hook(self._leaf))
@@ -218,8 +221,11 @@ NONLINEAR_NODES = ("Relu", "LeakyRelu", "Hardtanh", "Threshold", "Prelu", "MaxPo
 def hidden_nonlinearities(out: torch.Tensor, calls: list[Call]) -> list[str]:
     """Names of nonlinear autograd nodes in the forward that no logged module produced
     (functional calls such as ``F.relu``): their configurations cannot be recorded."""
-    own = {id(c.output.grad_fn) for c in calls
-           if isinstance(c.output, torch.Tensor) and c.output.grad_fn is not None}
+    # Python wrappers of autograd nodes live only while referenced: keep every one alive,
+    # or ids get reused and compare wrongly
+    keep = [c.output.grad_fn for c in calls
+            if isinstance(c.output, torch.Tensor) and c.output.grad_fn is not None]
+    own = {id(n) for n in keep}
     found: list[str] = []
     stack = [out.grad_fn] if out.grad_fn is not None else []
     seen: set[int] = set()
@@ -227,6 +233,7 @@ def hidden_nonlinearities(out: torch.Tensor, calls: list[Call]) -> list[str]:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
+        keep.append(node)
         seen.add(id(node))
         name = type(node).__name__
         if id(node) not in own and name.startswith(NONLINEAR_NODES):

@@ -1,0 +1,109 @@
+"""The results of an analysis as one self-describing xarray Dataset, and its Zarr store.
+
+Dimensions: ``checkpoint`` (Taylor-round counts N at which optima were solved),
+``taylor_round``, ``round``, ``layer`` and ``neuron`` (the analysed layers and neurons, in
+network order), ``feature`` (augmented input features, NaN-padded across layers),
+``snapshot``, ``probe``, ``unit`` and the ``*_rank`` dimensions of sorted exploration
+curves. Layers are referred to by position; their names are in the ``ntrace`` attribute
+(``layer_names``) and on each layer-indexed variable. Results live in their own store:
+writing never touches the trace.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from ntrace.errors import InvalidTraceError, TraceNotFoundError, UsageError
+
+RESULTS_VERSION = "1.0"
+NODE = "analysis"
+
+
+def over_sqrt(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """x / √N along the leading checkpoint axis."""
+    n = np.sqrt(np.asarray(counts, dtype=np.float64))
+    return np.asarray(x) / n.reshape((-1,) + (1,) * (np.ndim(x) - 1))
+
+
+def var(dims: tuple[str, ...] | str, data: Any, description: str, **attrs: Any
+        ) -> xr.Variable:
+    """A variable with a one-line description."""
+    return xr.Variable(dims, data, attrs={"description": description, **attrs})
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def is_results_store(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` holds an analysis results store written by ntrace."""
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return False
+    import json
+
+    try:
+        doc = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return False
+    attrs = doc.get("attributes") or {}
+    return isinstance(attrs.get("ntrace"), dict) and attrs["ntrace"].get("node") == NODE
+
+
+def check_output(path: str | os.PathLike[str], trace_path: str | os.PathLike[str]) -> None:
+    """Refuse an output location inside the trace (or containing it): analysis never writes
+    into a trace."""
+    p, t = Path(path), Path(trace_path)
+    if _inside(p, t) or _inside(t, p):
+        raise UsageError(f"refusing to write results to {p}: it overlaps the trace {t}; "
+                         "choose an output outside the trace directory")
+
+
+def write_results(ds: xr.Dataset, path: str | os.PathLike[str],
+                  trace_path: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``ds`` to a new Zarr store at ``path``; replaces only an earlier results store,
+    never a trace or any other directory, and never writes inside the trace."""
+    p = Path(path)
+    if trace_path is not None:
+        check_output(p, trace_path)
+    if p.exists():
+        if not is_results_store(p):
+            raise UsageError(f"refusing to overwrite {p}: it is not an ntrace results store; "
+                             "remove it yourself or choose another output path")
+        shutil.rmtree(p)
+    if not p.parent.exists():
+        raise UsageError(f"cannot write results {p}: directory {p.parent} does not exist")
+    ds.to_zarr(p, mode="w-", zarr_format=3, consolidated=False)
+    return p
+
+
+def open_results(path: str | os.PathLike[str]) -> xr.Dataset:
+    """Open a results store written by :func:`write_results` (loaded into memory: results
+    are small)."""
+    p = Path(path)
+    if not p.exists():
+        raise TraceNotFoundError(f"no results at {p}: the path does not exist")
+    if not is_results_store(p):
+        raise InvalidTraceError(f"{p} is not an ntrace results store (no 'ntrace' attribute "
+                                f"with node '{NODE}'); run 'ntrace analyze' to make one")
+    ds = xr.open_zarr(p, consolidated=False, zarr_format=3).load()
+    version = str(ds.attrs["ntrace"].get("results_version", "0"))
+    if version.split(".")[0] != RESULTS_VERSION.split(".")[0]:
+        raise InvalidTraceError(f"{p}: results version {version} is not readable by this "
+                                f"ntrace (reads {RESULTS_VERSION.split('.')[0]}.x); re-run "
+                                "'ntrace analyze'")
+    return ds
+
+
+def layer_names(ds: xr.Dataset) -> list[str]:
+    return list(ds.attrs["ntrace"]["layer_names"])

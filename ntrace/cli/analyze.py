@@ -1,0 +1,321 @@
+"""``ntrace analyze`` and ``ntrace compare``: parse, call the analyzer, render with rich."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ntrace.cli import handle_errors
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _one_line(fn: F) -> F:
+    """Library errors → one line and their exit code (``handle_errors``); anything
+    unexpected → one line and exit 1 (set NTRACE_DEBUG=1 to see the traceback)."""
+    inner = handle_errors(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return inner(*args, **kwargs)
+        except (SystemExit, click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as exc:  # no traceback for the user, ever
+            if os.environ.get("NTRACE_DEBUG"):
+                raise
+            msg = str(exc).splitlines()[0] if str(exc) else ""
+            click.echo(f"error: unexpected {type(exc).__name__}: {msg} (set NTRACE_DEBUG=1 "
+                       "for a traceback and please report it)", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _checkpoints(text: str) -> int | tuple[int, ...]:
+    from ntrace.errors import UsageError
+
+    try:
+        if "," in text:
+            return tuple(int(t) for t in text.split(",") if t.strip())
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--checkpoints must be a count or comma-separated Taylor-round "
+                         f"counts, found {text!r}") from None
+
+
+def _options(domain: str, checkpoints: str, tol: float, max_iter: int, scale: str | None,
+             layer: Sequence[str], neuron: Sequence[int], device: str, max_dim: int | None,
+             dynamic: bool, exploration: bool, progress: Any) -> Any:
+    from ntrace.analyze import AnalysisOptions, parse_scales
+
+    return AnalysisOptions(domain=domain, checkpoints=_checkpoints(checkpoints), tol=tol,
+                           max_iter=max_iter, scales=parse_scales(scale),
+                           layers=tuple(layer) or None, neurons=tuple(neuron) or None,
+                           device=device, max_dim=max_dim, dynamic=dynamic,
+                           exploration=exploration, progress=progress)
+
+
+class _Bars:
+    """Renders the library's ``progress(stage, done, total)`` calls as rich progress bars."""
+
+    def __init__(self, console: Console, label: str = "") -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                                 transient=True, disable=not console.is_terminal)
+        self.tasks: dict[str, Any] = {}
+        self.label = label
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(f"{self.label}{stage}", total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+    def __enter__(self) -> _Bars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def _fmt(x: float, spec: str = ".4g") -> str:
+    import math
+
+    return "–" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def summary_table(ds: Any, title: str) -> Table:
+    """One row per scale/layer: optimum, regret / √N and exponent at the last checkpoint."""
+    import numpy as np
+
+    from ntrace.analyze.results import layer_names
+
+    a = ds.attrs["ntrace"]
+    names = layer_names(ds)
+    n = int(ds.checkpoint.values[-1])
+    t = Table(title=title, title_justify="left",
+              caption=f"mean loss at the iterates (cumulative loss / N): "
+                      f"{_fmt(float(ds.cumulative_loss.values[-1]) / n)}",
+              caption_justify="left")
+    for col, just in (("scale", "left"), ("unit", "left"), ("optimum", "right"),
+                      ("regret/√N", "right"), ("exponent", "right"),
+                      ("gap", "right"), ("ok", "right")):
+        t.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+
+    def conv(status: Any) -> str:
+        s = np.asarray(status)
+        return f"{int((s == 0).sum())}/{s.size}"
+
+    if "network_optimum" in ds:
+        t.add_row("network", "all", _fmt(float(ds.network_optimum[-1])),
+                  _fmt(float(ds.network_regret_over_sqrt_n[-1])),
+                  f"{_fmt(float(ds.network_regret_exponent), '.2f')} "
+                  f"[{_fmt(float(ds.network_regret_exponent_low), '.2f')}, "
+                  f"{_fmt(float(ds.network_regret_exponent_high), '.2f')}]",
+                  _fmt(float(np.nanmax(ds.network_gap.values)), ".1e"),
+                  conv(ds.network_status.values))
+    if "layer_optimum" in ds:
+        for li, name in enumerate(names):
+            if name not in a["layer_scale_layers"]:
+                continue
+            t.add_row("layer", name, _fmt(float(ds.layer_optimum[-1, li])),
+                      _fmt(float(ds.layer_regret_over_sqrt_n[-1, li])),
+                      f"{_fmt(float(ds.layer_regret_exponent[li]), '.2f')} "
+                      f"[{_fmt(float(ds.layer_regret_exponent_low[li]), '.2f')}, "
+                      f"{_fmt(float(ds.layer_regret_exponent_high[li]), '.2f')}]",
+                      _fmt(float(np.nanmax(ds.layer_gap.values[:, li])), ".1e"),
+                      conv(ds.layer_status.values[:, li]))
+    if "neuron_optimum" in ds:
+        for li, name in enumerate(names):
+            sel = ds.neuron_layer.values == li
+            if not sel.any():
+                continue
+            e = ds.neuron_regret_exponent.values[sel]
+            r = ds.neuron_regret_over_sqrt_n.values[-1, sel]
+            fitted = int(np.isfinite(e).sum())
+            t.add_row("neurons", f"{name} ×{int(sel.sum())}",
+                      _fmt(float(np.nanmean(ds.neuron_optimum.values[-1, sel]))),
+                      f"{_fmt(float(np.nanmean(r)), '.3g')}±{_fmt(float(np.nanstd(r)), '.2g')}",
+                      (f"{_fmt(float(np.nanmean(e)), '.2f')}±{_fmt(float(np.nanstd(e)), '.2f')}"
+                       f" ({fitted})") if fitted else "–",
+                      _fmt(float(np.nanmax(ds.neuron_gap.values[:, sel])), ".1e"),
+                      conv(ds.neuron_status.values[:, sel]))
+    return t
+
+
+def _print_summary(console: Console, ds: Any, title: str) -> None:
+    import numpy as np
+
+    a = ds.attrs["ntrace"]
+    console.print(summary_table(ds, title))
+    console.print(f"[dim]domain: {a['domain']} ({a['domain_definition']}); tolerance "
+                  f"{a['tolerance']:g}; {len(a['checkpoints'])} checkpoints up to N = "
+                  f"{a['checkpoints'][-1]}[/]")
+    console.print(f"[dim]{a['comparison']}[/]")
+    if "min_distance" in ds:
+        frac = ds.min_distance_fraction.values[1:]
+        console.print(f"exploration: nearest earlier configuration at "
+                      f"{_fmt(float(np.nanmean(frac)), '.3g')} of the bits on average; "
+                      f"median switch fraction {_fmt(float(np.median(ds.switch_fraction)), '.3g')}"
+                      f"; median log-volume {_fmt(float(np.median(ds.log_volume)), '.4g')}")
+    for line in list(a["skipped"]) + list(a["notes"]):
+        console.print(f"[yellow]note:[/] {line}")
+
+
+_common = [
+    click.option("--domain", type=click.Choice(["ball", "box", "none"]), default="ball",
+                 show_default=True, help="comparator set H of the hindsight optimum"),
+    click.option("--checkpoints", default="32", show_default=True,
+                 help="number of log-spaced checkpoints, or comma-separated Taylor-round counts"),
+    click.option("--tol", type=float, default=1e-6, show_default=True,
+                 help="certified suboptimality each solve must reach (loss units)"),
+    click.option("--max-iter", type=int, default=20000, show_default=True,
+                 help="iteration cap of the iterative solvers"),
+    click.option("--scale", default=None,
+                 help="comma-separated subset of network,layer,neuron [default: all possible]"),
+    click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N"),
+    click.option("--max-dim", type=int, default=None,
+                 help="largest layer/network problem solved [default: 4096 CPU, 16384 CUDA]"),
+    click.option("--dynamic", is_flag=True,
+                 help="also solve each round's own best response (DYNAMIC regret, neurons)"),
+    click.option("--no-exploration", is_flag=True, help="skip the exploration measures"),
+    click.option("--no-figures", is_flag=True, help="write results only, no figures"),
+    click.option("--quiet", "-q", is_flag=True, help="no summary table"),
+]
+
+
+def _with_common(fn: F) -> F:
+    for opt in reversed(_common):
+        fn = opt(fn)
+    return fn
+
+
+@click.command()
+@click.argument("trace", type=click.Path())
+@click.option("--out", "-o", type=click.Path(), default=None,
+              help="output directory [default: TRACE without .zarr + '.analysis']")
+@click.option("--layer", multiple=True, help="analyse only this layer (repeatable)")
+@click.option("--neuron", type=int, multiple=True,
+              help="analyse only this neuron of --layer (repeatable)")
+@_with_common
+@_one_line
+def analyze(trace: str, out: str | None, layer: tuple[str, ...], neuron: tuple[int, ...],
+            domain: str, checkpoints: str, tol: float, max_iter: int, scale: str | None,
+            device: str, max_dim: int | None, dynamic: bool, no_exploration: bool,
+            no_figures: bool, quiet: bool) -> None:
+    """Hindsight Taylor optima, regret and exploration of TRACE.
+
+    Writes OUT/results.zarr (an xarray Dataset) and OUT/figures/*.png|svg.
+    """
+    from ntrace.analyze import analyze_trace
+
+    console = Console(stderr=True)
+    if not no_figures:
+        _plot()  # fail before the analysis, not after it
+    out_dir = Path(out) if out else Path(str(Path(trace)).removesuffix("/")
+                                         .removesuffix(".zarr") + ".analysis")
+    with _Bars(console) as bars:
+        opts = _options(domain, checkpoints, tol, max_iter, scale, layer, neuron, device,
+                        max_dim, dynamic, not no_exploration, bars)
+        _prepare(out_dir, trace)
+        ds = analyze_trace(trace, opts, out=out_dir / "results.zarr")
+    figs: list[Path] = []
+    if not no_figures:
+        figs = _plot().make_figures([ds], out_dir / "figures", [_label(ds, trace)])
+    if not quiet:
+        _print_summary(Console(), ds, f"{trace}: {ds.attrs['ntrace']['loss']}, "
+                       f"N = {int(ds.checkpoint[-1])} Taylor rounds")
+    click.echo(f"results: {out_dir / 'results.zarr'}" +
+               (f"; figures: {out_dir / 'figures'}" if figs else ""), err=True)
+
+
+def _plot() -> Any:
+    """The figures module, or a usage error naming what to install."""
+    from ntrace.errors import UsageError
+
+    try:
+        from ntrace import plot
+    except ImportError as exc:
+        raise UsageError(f"figures need matplotlib ({exc}); pip install 'ntrace[plot]', or "
+                         "pass --no-figures") from None
+    return plot
+
+
+def _prepare(out_dir: Path, *traces: str) -> None:
+    from ntrace.analyze.results import check_output
+    from ntrace.errors import UsageError
+
+    for t in traces:
+        check_output(out_dir, t)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} exists and is not a directory")
+    if not out_dir.parent.exists():
+        raise UsageError(f"cannot write to {out_dir}: directory {out_dir.parent} does not exist")
+    out_dir.mkdir(exist_ok=True)
+
+
+def _label(ds: Any, path: str) -> str:
+    opt = (ds.attrs["ntrace"].get("optimizer") or {}).get("name")
+    return str(opt) if opt else Path(path).name.removesuffix(".zarr")
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", type=click.Path(), required=True, help="output directory")
+@click.option("--label", multiple=True, help="legend label of each input, in order")
+@_with_common
+@_one_line
+def compare(inputs: tuple[str, ...], out: str, label: tuple[str, ...], domain: str,
+            checkpoints: str, tol: float, max_iter: int, scale: str | None, device: str,
+            max_dim: int | None, dynamic: bool, no_exploration: bool, no_figures: bool,
+            quiet: bool) -> None:
+    """Analyse several traces (e.g. SGD, RMSProp, Adam) and overlay them in one set of
+    figures. An input that is already a results store is reused as it is."""
+    from ntrace.analyze import analyze_trace, is_results_store, open_results
+    from ntrace.errors import UsageError
+
+    if len(inputs) < 2:
+        raise UsageError(f"compare needs at least two traces, found {len(inputs)}; use "
+                         "'ntrace analyze' for one")
+    if label and len(label) != len(inputs):
+        raise UsageError(f"{len(label)} --label values for {len(inputs)} inputs; give one "
+                         "per input or none")
+    console = Console(stderr=True)
+    if not no_figures:
+        _plot()
+    out_dir = Path(out)
+    _prepare(out_dir, *inputs)
+    results, labels = [], []
+    for k, path in enumerate(inputs):
+        if is_results_store(path):
+            ds = open_results(path)
+        else:
+            with _Bars(console, f"[{k + 1}/{len(inputs)}] ") as bars:
+                opts = _options(domain, checkpoints, tol, max_iter, scale, (), (), device,
+                                max_dim, dynamic, not no_exploration, bars)
+                ds = analyze_trace(path, opts, out=out_dir / f"results_{k}.zarr")
+        results.append(ds)
+        labels.append(label[k] if label else _label(ds, path))
+    seen: dict[str, int] = {}
+    for i, lab in enumerate(labels):  # make labels unique
+        seen[lab] = seen.get(lab, 0) + 1
+        if seen[lab] > 1:
+            labels[i] = f"{lab} ({seen[lab]})"
+    if not no_figures:
+        _plot().make_figures(results, out_dir / "figures", labels)
+    if not quiet:
+        con = Console()
+        for ds, lab in zip(results, labels, strict=True):
+            con.print(summary_table(ds, f"{lab}: {ds.attrs['ntrace']['trace']}"))
+    click.echo(f"results: {out_dir}" + ("" if no_figures else f"; figures: {out_dir / 'figures'}"),
+               err=True)

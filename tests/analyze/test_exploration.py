@@ -1,0 +1,103 @@
+"""Exploration measures on hand-made configurations with known answers, packed against
+unpacked implementations, and on a recorded trace."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ntrace.analyze import AnalysisOptions, analyze_trace
+from ntrace.analyze.exploration import (
+    log_volume,
+    log_volume_dense,
+    min_previous_distance,
+    min_previous_distance_dense,
+    popcount,
+    switch_fraction,
+    switch_fraction_dense,
+    to_words,
+)
+from ntrace.format.bits import pack, unpack
+from ntrace.format.reader import open_trace
+
+
+def _readers(A: np.ndarray):
+    P = pack(A)  # (snapshot, probe, unit_byte)
+
+    def rows(k0: int, k1: int) -> np.ndarray:
+        return P[k0:k1]
+
+    def cols(b0: int, b1: int) -> np.ndarray:
+        return P[:, :, b0:b1]
+
+    return rows, cols
+
+
+def test_hand_made_configurations() -> None:
+    # 4 snapshots, 2 probe points, 3 units
+    A = np.array([
+        [[1, 0, 0], [0, 1, 0]],
+        [[1, 0, 0], [0, 1, 1]],  # one bit from snapshot 0
+        [[0, 1, 1], [1, 0, 1]],  # 5 from snapshot 1, 6 from snapshot 0
+        [[1, 0, 0], [0, 1, 0]],  # equal to snapshot 0
+    ], dtype=bool)
+    rows, cols = _readers(A)
+    np.testing.assert_array_equal(min_previous_distance(rows, 4), [-1, 1, 5, 0])
+    # probe 0 switches 0 + 3 + 3 bits, probe 1: 1 + 2 + 3; possible: 3 transitions × 3 units
+    np.testing.assert_allclose(switch_fraction(rows, 4, 3), [6 / 9, 6 / 9])
+    lv = log_volume(cols, 4, 2, 3, rank=50, floor=1e-6)
+    assert lv.rank == 2
+    # unit 0: columns (1,1,0,1) and (0,0,1,0): centred, the matrix has rank 1 and
+    # σ_1 = √(2·(3·1/16 + 9/16)) = √(3/2)
+    assert lv.value[0] == pytest.approx(0.5 * math.log(1.5) + math.log(1e-6))
+
+
+def test_a_unit_that_never_switches_scores_the_floor() -> None:
+    A = np.zeros((5, 4, 2), dtype=bool)
+    A[:, 1, 0] = True  # constant in time: centred away
+    A[2, 3, 1] = True
+    rows, cols = _readers(A)
+    lv = log_volume(cols, 5, 4, 2, rank=3, floor=1e-4)
+    assert lv.value[0] == pytest.approx(3 * math.log(1e-4))
+    assert lv.value[1] > 3 * math.log(1e-4)
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3), (13, 9, 17), (33, 4, 70)])
+def test_packed_and_unpacked_agree(shape: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    A = rng.random(shape) < 0.3
+    A[3] = A[1]  # a repeated configuration
+    rows, cols = _readers(A)
+    K, Q, M = shape
+    for block in (64, 1 << 12, 1 << 20):  # tiny blocks exercise the blocked paths
+        np.testing.assert_array_equal(min_previous_distance(rows, K, block),
+                                      min_previous_distance_dense(A))
+        np.testing.assert_allclose(switch_fraction(rows, K, M, block), switch_fraction_dense(A))
+        lv = log_volume(cols, K, Q, M, rank=4, floor=1e-6, block_bytes=block)
+        np.testing.assert_allclose(lv.value, log_volume_dense(A, rank=4, floor=1e-6),
+                                   rtol=1e-9)
+
+
+def test_popcount_table_equals_bitwise_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    w = to_words(rng.integers(0, 256, (6, 19), dtype=np.uint8))
+    fast = popcount(w).astype(np.int64)
+    monkeypatch.delattr(np, "bitwise_count", raising=False)
+    np.testing.assert_array_equal(popcount(w).astype(np.int64), fast)
+    ref = np.array([[bin(int(x)).count("1") for x in row] for row in w])
+    np.testing.assert_array_equal(fast, ref)
+
+
+def test_exploration_of_a_recorded_trace(mlp_mse) -> None:
+    ds = analyze_trace(mlp_mse, AnalysisOptions(scales=("neuron",), checkpoints=2))
+    tr = open_trace(mlp_mse)
+    units = tr.probe_units.total
+    A = unpack(tr.read("probe/config"), units)
+    np.testing.assert_array_equal(ds.min_distance.values, min_previous_distance_dense(A))
+    np.testing.assert_allclose(ds.switch_fraction.values, switch_fraction_dense(A))
+    np.testing.assert_allclose(ds.log_volume.values, log_volume_dense(A), rtol=1e-9)
+    np.testing.assert_array_equal(ds.snapshot_round.values, tr.read("probe/round_index"))
+    assert (np.diff(ds.switch_fraction_sorted.values) <= 0).all()
+    assert ds.attrs["ntrace"]["exploration"]["singular_value_floor"] == 1e-6
