@@ -9,10 +9,12 @@ like. Prints one table. Usage: python tools/bench_record.py [--steps 400] [--rep
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +51,14 @@ def main() -> None:
     args = ap.parse_args()
     task = get_task(args.task)
     tmp = Path(tempfile.mkdtemp(prefix="ntrace-bench-"))
+    try:
+        rows = measure(args, task, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the paper setting writes gigabytes
+    print_table(args, rows)
+
+
+def measure(args: argparse.Namespace, task: Any, tmp: Path) -> list[dict[str, Any]]:
     settings = {
         "default": (task.sampling, args.steps),
         "paper (every round, whole batch)": (
@@ -85,6 +95,10 @@ def main() -> None:
             "raw_per_round": s.raw / tr.rounds,
             "bits_per_activation": s.bits_per_activation,
         })
+    return rows
+
+
+def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     print(f"\nntrace record overhead — task {args.task}, device {args.device}, "
           f"{args.repeats} interleaved repeats\n")
     head = ("setting", "k", "S", "rounds", "plain ms/round", "rec ms/round", "median ratio",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import click
 from rich.console import Console
@@ -60,6 +61,9 @@ def _human(n: float) -> str:
               help="MiB for one chunk of batched Jacobian products (graph models)")
 @click.option("--unsupported", type=click.Choice(["error", "warn", "skip"]), default="error",
               show_default=True, help="what to do with modules ntrace cannot interpret")
+@click.option("--checkpoint-every", type=int, default=None,
+              help="rounds between resumable checkpoints [default: at most one a minute, and "
+                   "one at the end]")
 @click.option("--resume", "resume", type=click.Path(), default=None,
               help="continue the built-in task run recorded in this trace from its last "
                    "checkpoint (a killed run, or a finished one with a larger --steps)")
@@ -70,12 +74,12 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
            steps: int | None, seed: int, device: str, data_dir: str | None, overwrite: bool,
            taylor_every: int | None, samples_per_round: int | None, neurons: str | None,
            probe_size: int | None, probe_every: int | None, max_jacobian_memory: int,
-           unsupported: str, resume: str | None, list_tasks: bool,
+           unsupported: str, checkpoint_every: int | None, resume: str | None,
+           list_tasks: bool,
            command: tuple[str, ...]) -> None:
     """Train a built-in task and record its Taylor trace, or record an unmodified script:
     ``ntrace record [OPTIONS] -- python train.py [ARGS]`` (or ``-- python -m MODULE``)."""
     from ntrace.errors import UsageError
-    from ntrace.format.metadata import Sampling
     from ntrace.tasks import TASKS, get_task
     from ntrace.tasks.runner import Progress as RunProgress
     from ntrace.tasks.runner import RunOptions, run_task
@@ -99,28 +103,21 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
             raise UsageError("--resume continues the trace it names: give neither --task nor "
                              "--out")
         spec, opts = resume_options(resume, steps=steps, epochs=epochs, data_dir=data_dir,
-                                    device=device)
+                                    device=device, checkpoint_every=checkpoint_every)
         task, out = spec.name, resume
     else:
         task = task or "digits-autoencoder"
         spec = get_task(task)
         out = out or f"{task}-{optimizer}.zarr"
-        defaults = spec.sampling
-        try:
-            sampling = Sampling(
-                taylor_every=defaults.taylor_every if taylor_every is None else taylor_every,
-                samples_per_round=(defaults.samples_per_round if samples_per_round is None
-                                   else samples_per_round),
-                neurons=_parse_neurons(neurons, defaults.neurons))
-        except ValueError as exc:
-            raise UsageError(f"bad sampling option: {exc}") from None
+        sampling = _sampling(spec.sampling, taylor_every, samples_per_round, neurons)
         if sampling.samples_per_round > spec.batch_size:
             raise UsageError(f"--samples-per-round {sampling.samples_per_round} exceeds the "
                              f"batch size {spec.batch_size} of {task}")
         opts = RunOptions(out=out, optimizer=optimizer, lr=lr, epochs=epochs, steps=steps,
                           seed=seed, device=device, data_dir=data_dir, overwrite=overwrite,
                           sampling=sampling, probe_size=probe_size, probe_every=probe_every,
-                          max_jacobian_memory=max_jacobian_memory << 20)
+                          max_jacobian_memory=max_jacobian_memory << 20,
+                          checkpoint_every=checkpoint_every)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]:>6.0f} rounds/s  {task.fields[size]:>9s}"),
                TimeRemainingColumn())
@@ -154,23 +151,30 @@ def _parse_neurons(neurons: str | None, default: str | int) -> str | int:
                          ) from None
 
 
+def _sampling(defaults: Any, taylor_every: int | None, samples_per_round: int | None,
+              neurons: str | None) -> Any:
+    """The sampling policy: the options given, the defaults for the rest."""
+    from ntrace.errors import UsageError
+    from ntrace.format.metadata import Sampling
+
+    try:
+        return Sampling(
+            taylor_every=defaults.taylor_every if taylor_every is None else taylor_every,
+            samples_per_round=(defaults.samples_per_round if samples_per_round is None
+                               else samples_per_round),
+            neurons=_parse_neurons(neurons, defaults.neurons))
+    except ValueError as exc:
+        raise UsageError(f"bad sampling option: {exc}") from None
+
+
 def _record_command(command: list[str], out: str, overwrite: bool, taylor_every: int | None,
                     samples_per_round: int | None, neurons: str | None,
                     probe_size: int | None, probe_every: int | None, max_jacobian_memory: int,
                     unsupported: str, console: Console) -> None:
-    from ntrace.errors import UsageError
     from ntrace.format.metadata import Sampling
     from ntrace.record.wrap import WrapOptions, run_wrapped
 
-    d = Sampling()
-    try:
-        sampling = Sampling(
-            taylor_every=d.taylor_every if taylor_every is None else taylor_every,
-            samples_per_round=(d.samples_per_round if samples_per_round is None
-                               else samples_per_round),
-            neurons=_parse_neurons(neurons, d.neurons))
-    except ValueError as exc:
-        raise UsageError(f"bad sampling option: {exc}") from None
+    sampling = _sampling(Sampling(), taylor_every, samples_per_round, neurons)
     opts = WrapOptions(out=out, sampling=sampling,
                        probe_size=256 if probe_size is None else probe_size,
                        probe_every=10 if probe_every is None else probe_every,

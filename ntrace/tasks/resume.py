@@ -13,7 +13,8 @@ from ntrace.tasks.runner import RunOptions
 
 def resume_options(path: str | os.PathLike[str], *, steps: int | None = None,
                    epochs: int | None = None, data_dir: str | None = None,
-                   device: str | None = None) -> tuple[Task, RunOptions]:
+                   device: str | None = None, checkpoint_every: int | None = None
+                   ) -> tuple[Task, RunOptions]:
     """The task and options that continue the run recorded at ``path``; ``steps``/``epochs``
     may extend a finished run, ``data_dir``/``device`` may point elsewhere than before."""
     tr = open_trace(path)
@@ -38,5 +39,6 @@ def resume_options(path: str | os.PathLike[str], *, steps: int | None = None,
                       device=device or "cpu",
                       data_dir=data_dir if data_dir is not None else dataset.get("data_dir"),
                       probe_size=tr.attrs.sampling.probe_size,
-                      probe_every=tr.attrs.sampling.probe_every or None, resume=True)
+                      probe_every=tr.attrs.sampling.probe_every or None, resume=True,
+                      checkpoint_every=checkpoint_every)
     return task, opts

@@ -39,7 +39,8 @@ class RunOptions:
     max_jacobian_memory: int = 256 << 20
     record: bool = True
     resume: bool = False  # continue the trace at ``out`` from its last checkpoint
-    checkpoint_every: int | None = None  # rounds between checkpoints [default: each epoch]
+    checkpoint_every: int | None = None  # rounds between checkpoints, or by time:
+    checkpoint_seconds: float = 60.0  # [default] at most one checkpoint a minute, and at the end
 
 
 @dataclass
@@ -132,7 +133,14 @@ def run_task(task: Task, opts: RunOptions,
                  "dataset": task.describe_data(x_np, opts.data_dir),
                  "learning_rate": lr, "optimizer_choice": opts.optimizer, "steps": total},
         )
-    every = opts.checkpoint_every or per_epoch
+    last_ck = time.perf_counter()
+
+    def due(done: int) -> bool:
+        if rec is None or done == 0 or (rec.resumed is not None and done <= rec.resumed.round):
+            return False
+        if opts.checkpoint_every:
+            return done % opts.checkpoint_every == 0
+        return time.perf_counter() - last_ck >= opts.checkpoint_seconds
     done, order, first = 0, None, 0
     if rec is not None and rec.resumed is not None:  # continue exactly where it stopped
         ck = rec.resumed
@@ -144,9 +152,11 @@ def run_task(task: Task, opts: RunOptions,
     b = first
 
     def checkpoint() -> None:
+        nonlocal last_ck
         assert rec is not None and order is not None
         rec.checkpoint({"data.order": order, "data.rng": gen.get_state()},
                        {"epoch_position": b})
+        last_ck = time.perf_counter()
 
     try:
         while done < total:
@@ -155,8 +165,7 @@ def run_task(task: Task, opts: RunOptions,
             for b in range(first, per_epoch):  # noqa: B007 - checkpoint() reads b
                 if done >= total:
                     break
-                if rec is not None and done > 0 and done % every == 0 and \
-                        (rec.resumed is None or done > rec.resumed.round):
+                if due(done):
                     checkpoint()
                 idx = order[b * bs:(b + 1) * bs]
                 idx_dev = idx.to(device)

@@ -29,6 +29,7 @@ SAMPLING = Sampling(taylor_every=3, samples_per_round=4)
 
 
 def options(out: Path, **kw: object) -> RunOptions:
+    kw.setdefault("checkpoint_every", 28)  # every epoch of the digits task
     return RunOptions(out=str(out), steps=90, optimizer="adam", sampling=SAMPLING, probe_size=40,
                       **kw)  # type: ignore[arg-type]
 
@@ -73,7 +74,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path,
     out = tmp_path / "killed.zarr"
     code = (f"from ntrace.cli import main; main(['record', '--out', {str(out)!r}, '--steps', "
             "'90', '--optimizer', 'adam', '--taylor-every', '3', '--samples-per-round', '4', "
-            "'--probe-size', '40'])")
+            "'--probe-size', '40', '--checkpoint-every', '28'])")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
