@@ -26,10 +26,11 @@ DOMAIN_TEXT = {
     "none": "unconstrained (an optimum that is not attained is reported as unbounded: NaN)",
 }
 CERTIFICATE_TEXT = {
-    "ball": "Frank-Wolfe gap max_{s in H} <grad f(u), u - s>",
-    "box": "Frank-Wolfe gap max_{s in H} <grad f(u), u - s>",
-    "none": "mse: (1/4) grad^T A^+ grad (exact suboptimality of a quadratic); cross_entropy: "
-            "Fenchel duality gap",
+    "ball": "Frank-Wolfe gap max_{s in H} <grad f(u), u - s> (nll: 0, closed form)",
+    "box": "Frank-Wolfe gap max_{s in H} <grad f(u), u - s> (nll: 0, closed form)",
+    "none": "mse: (1/4) grad^T A^+ grad (exact suboptimality of a quadratic); cross_entropy, "
+            "bce_with_logits: Fenchel duality gap; nll: 0 (linear: closed form, unbounded "
+            "unless the gradient vanishes)",
 }
 
 
@@ -163,7 +164,9 @@ def build_dataset(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions, hs: H
                 pts[row:row + len(x), :x.shape[1]] = x
             row += fam.units
         v["neuron_optimum_point"] = var(("neuron", "feature"), pts, "argmin at the last "
-                                        "checkpoint: [w | bias], NaN-padded")
+                                        "checkpoint: [w | bias], w the neuron's weights "
+                                        "(a filter flattened, an embedding column), "
+                                        "NaN-padded")
         for key, attr, desc in (("center", "center", "centre of the neuron's ball"),
                                 ("lower", "lower", "lower corner of the neuron's box"),
                                 ("upper", "upper", "upper corner of the neuron's box")):

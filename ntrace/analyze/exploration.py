@@ -164,10 +164,12 @@ def _logvol(A: torch.Tensor, r: int, floor: float) -> torch.Tensor:
     A QR factorisation first shrinks each matrix to a square one with the same singular
     values (much faster than an SVD of the rectangular matrix)."""
     A = A - A.mean(dim=1, keepdim=True)
+    cpu = A.device.type == "cpu"  # LAPACK through numpy is much faster for many small matrices
     if A.shape[1] != A.shape[2]:
         tall = A if A.shape[1] > A.shape[2] else A.transpose(1, 2)
-        A = torch.linalg.qr(tall, mode="r")[1]
-    if A.device.type == "cpu":  # LAPACK through numpy is faster for many small matrices
+        A = (torch.from_numpy(np.linalg.qr(tall.numpy(), mode="r")) if cpu
+             else torch.linalg.qr(tall, mode="r")[1])
+    if cpu:
         s = torch.from_numpy(np.linalg.svd(A.numpy(), compute_uv=False))
     else:
         s = torch.linalg.svdvals(A)

@@ -34,8 +34,10 @@ class AnalysisOptions:
     ``tol``: the suboptimality each certified solve must reach, in loss units. ``scales``:
     ``None`` for every scale the trace supports. ``layers``/``neurons``: restrict the analysis
     (neurons are indices within the layer, ``neurons`` needs exactly one layer unless the trace
-    has one). ``max_dim``: the largest layer/network problem (parameters) solved with a dense
-    Hessian, ``None`` for 4096 on CPU and 16384 on CUDA. ``fit_from``: the regret exponent is
+    has one). ``max_dim``: the largest problem (parameters of a layer, of the network, or of
+    one neuron) solved with a dense Hessian, ``None`` for 4096 on CPU and 16384 on CUDA;
+    larger ones are skipped with a note. ``max_memory``: bytes of Taylor data the iterative
+    losses (cross-entropy, binary logistic) may hold in memory. ``fit_from``: the regret exponent is
     fitted on checkpoints with at least ``fit_from`` × (last count) Taylor rounds.
     """
 
@@ -85,6 +87,9 @@ class AnalysisOptions:
             raise UsageError(f"neurons must be non-negative indices, found {self.neurons!r}")
         if self.max_dim is not None and self.max_dim < 1:
             raise UsageError(f"max_dim must be positive, found {self.max_dim}")
+        if self.max_memory < 1:
+            raise UsageError(f"max_memory must be a positive number of bytes, found "
+                             f"{self.max_memory}")
         if not 0.0 <= self.fit_from < 1.0:
             raise UsageError(f"fit_from must lie in [0, 1), found {self.fit_from}")
         if not 0.0 < self.confidence < 1.0:

@@ -6,10 +6,11 @@ scale the trace cannot support, an empty trace) is refused here, before any arra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ntrace.analyze.kinds import LayerKind, layer_kind
 from ntrace.analyze.options import SCALES, AnalysisOptions, log_checkpoints
 from ntrace.errors import EmptyTraceError, UsageError
 from ntrace.format.reader import Trace
@@ -18,7 +19,9 @@ from ntrace.format.reader import Trace
 @dataclass(frozen=True)
 class LayerPlan:
     """One analysed layer. ``tracked`` are the neurons whose Jacobian columns are stored;
-    ``selected`` the positions ``c`` into ``tracked`` analysed at neuron scale."""
+    ``selected`` the positions ``c`` into ``tracked`` analysed at neuron scale; ``stored``
+    the positions whose designs the analysis needs (every tracked neuron when the layer is
+    solved at layer or network scale, else ``selected``)."""
 
     name: str
     index: int
@@ -28,11 +31,28 @@ class LayerPlan:
     jacobian: str
     tracked: np.ndarray
     selected: np.ndarray
+    kind: LayerKind
+    stored: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def d_aug(self) -> int:
-        """Input features plus one for the bias column (inputs are augmented with a 1)."""
-        return self.in_features + int(self.bias)
+        """Parameters of one neuron (its row of the weight, see :mod:`ntrace.analyze.kinds`)
+        plus one for the bias (linear inputs are augmented with a 1)."""
+        return self.kind.row_size + int(self.bias)
+
+    @property
+    def dense(self) -> bool:
+        """True for kinds whose per-neuron design is a full matrix (not linear)."""
+        return not self.kind.rank_one
+
+    @property
+    def stored_selected(self) -> np.ndarray:
+        """Positions of ``selected`` within ``stored``."""
+        return np.searchsorted(self.stored, self.selected)
+
+    @property
+    def tracked_positions(self) -> np.ndarray:
+        return np.arange(len(self.tracked), dtype=np.int64)
 
     @property
     def all_tracked(self) -> bool:
@@ -56,6 +76,7 @@ class AnalysisPlan:
     layers: tuple[LayerPlan, ...]
     scales: tuple[str, ...]
     layer_scale: tuple[str, ...]  # layers solved at layer scale
+    neuron_scale: tuple[str, ...]  # layers whose selected neurons are solved
     skipped: tuple[str, ...]  # human-readable reasons for anything left out
     checkpoints: tuple[int, ...]
     taylor_rounds: int
@@ -118,7 +139,7 @@ def make_plan(trace: Trace, opts: AnalysisOptions) -> AnalysisPlan:
         plans.append(LayerPlan(name=name, index=la.index, out_features=la.out_features,
                                in_features=la.in_features, bias=la.bias, jacobian=la.jacobian,
                                tracked=np.asarray(trace.tracked[name], dtype=np.int64),
-                               selected=_pick_neurons(trace, name, opts)))
+                               selected=_pick_neurons(trace, name, opts), kind=layer_kind(la)))
     if opts.scales is not None:
         wanted = opts.scales
     elif opts.neurons is not None:
@@ -130,11 +151,24 @@ def make_plan(trace: Trace, opts: AnalysisOptions) -> AnalysisPlan:
     limit = opts.dim_limit()
     skipped: list[str] = []
     layer_scale: list[str] = []
+    neuron_scale: list[str] = []
+    if "neuron" in wanted:
+        for lp in plans:
+            if lp.d_aug > limit:
+                skipped.append(f"neuron scale of {lp.name} ({lp.kind.name}): each neuron has "
+                               f"{lp.d_aug} parameters, above max_dim {limit} (raise --max-dim, "
+                               "preferably on a GPU)")
+            else:
+                neuron_scale.append(lp.name)
+        if not neuron_scale and opts.scales is not None and "neuron" in opts.scales:
+            raise UsageError("neuron scale was asked for but no selected layer supports it: "
+                             + "; ".join(skipped))
     if "layer" in wanted:
         for lp in plans:
             if not lp.all_tracked:
                 skipped.append(f"layer scale of {lp.name}: only {len(lp.tracked)} of "
-                               f"{lp.out_features} neurons were tracked")
+                               f"{lp.out_features} neurons were tracked (record with "
+                               "--neurons all to analyse it)")
             elif lp.dim > limit:
                 skipped.append(f"layer scale of {lp.name}: {lp.dim} parameters exceed max_dim "
                                f"{limit} (raise --max-dim, preferably on a GPU)")
@@ -143,13 +177,16 @@ def make_plan(trace: Trace, opts: AnalysisOptions) -> AnalysisPlan:
         if not layer_scale and opts.scales is not None:
             raise UsageError("layer scale was asked for but no selected layer supports it: "
                              + "; ".join(skipped))
-    scales = [s for s in wanted if s != "layer" or layer_scale]
+    scales = [s for s in wanted if (s != "layer" or layer_scale)
+              and (s != "neuron" or neuron_scale)]
     if "network" in wanted:
         reason = None
         if opts.layers is not None and len(names) != len(trace.layers):
             reason = "network scale needs every layer; drop --layer"
         elif not all(lp.all_tracked for lp in plans):
-            reason = "network scale needs every neuron of every layer tracked"
+            part = [lp.name for lp in plans if not lp.all_tracked]
+            reason = ("network scale needs every neuron of every layer tracked, and "
+                      f"{', '.join(part)} tracked only some (record with --neurons all)")
         elif sum(lp.dim for lp in plans) > limit:
             reason = (f"network scale: {sum(lp.dim for lp in plans)} parameters exceed max_dim "
                       f"{limit} (raise --max-dim, preferably on a GPU)")
@@ -166,6 +203,10 @@ def make_plan(trace: Trace, opts: AnalysisOptions) -> AnalysisPlan:
             raise UsageError(f"checkpoint {bad[0]} exceeds the {total} committed Taylor rounds of "
                              f"{trace.path}")
         cps = tuple(sorted(set(opts.checkpoints)))
+    plans = [replace(lp, stored=lp.tracked_positions if ("network" in scales or lp.name in
+                                                         layer_scale) else lp.selected)
+             for lp in plans]
     return AnalysisPlan(layers=tuple(plans), scales=tuple(scales), layer_scale=tuple(layer_scale),
+                        neuron_scale=tuple(neuron_scale),
                         skipped=tuple(skipped), checkpoints=cps, taylor_rounds=max(cps),
                         loss=trace.attrs.loss.id)

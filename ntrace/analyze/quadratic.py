@@ -126,6 +126,68 @@ class NeuronGram:
         return Quadratic(0.5 * (A + A.transpose(1, 2)), b.reshape(-1, i), c.reshape(-1))
 
 
+class DenseNeuronGram:
+    """Neuron-scale statistics of a layer of another kind, from its designs M (b, s, o, c, i):
+    T − y = M_c u − h_c with h_c = M_c w_c − e, so ``A = Σ_s M_cᵀM_c/(Sp)``,
+    ``b = Σ_s M_cᵀh_c/(Sp)``, ``c = Σ_s |h_c|²/(Sp)`` (one quadratic per selected neuron)."""
+
+    def __init__(self, lp: LayerPlan, outputs: int, device: torch.device) -> None:
+        self.lp = lp
+        self.p = outputs
+        c, i = len(lp.selected), lp.d_aug
+        kw: dict[str, Any] = {"dtype": torch.float64, "device": device}
+        self.A = torch.zeros(c, i, i, **kw)
+        self.b = torch.zeros(c, i, **kw)
+        self.c = torch.zeros(c, **kw)
+        self.count = 0
+
+    def terms(self, block: RoundBlock, err: torch.Tensor, per_round: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lb = block.layers[self.lp.name]
+        sel = torch.as_tensor(self.lp.stored_selected, device=err.device)
+        M = lb.design()[:, :, :, sel]  # (b, s, o, c, i)
+        h = lb.offset()[..., sel] - err.unsqueeze(-1)  # (b, s, o, c)
+        scale = 1.0 / (M.shape[1] * self.p)
+        if per_round:
+            return (torch.einsum("bsoci,bsocm->bcim", M, M) * scale,
+                    torch.einsum("bsoci,bsoc->bci", M, h) * scale,
+                    h.pow(2).sum((1, 2)) * scale)
+        return (torch.einsum("bsoci,bsocm->cim", M, M) * scale,
+                torch.einsum("bsoci,bsoc->ci", M, h) * scale, h.pow(2).sum((0, 1, 2)) * scale)
+
+    def add(self, block: RoundBlock, err: torch.Tensor) -> None:
+        A, b, c = self.terms(block, err, per_round=False)
+        self.A += A
+        self.b += b
+        self.c += c
+        self.count += block.stop - block.start
+
+    def quadratic(self) -> Quadratic:
+        A = self.A / self.count
+        return Quadratic(0.5 * (A + A.transpose(1, 2)), self.b / self.count,
+                         self.c / self.count)
+
+    def per_round(self, block: RoundBlock, err: torch.Tensor) -> Quadratic:
+        A, b, c = self.terms(block, err, per_round=True)
+        i = self.lp.d_aug
+        A = A.reshape(-1, i, i)
+        return Quadratic(0.5 * (A + A.transpose(1, 2)), b.reshape(-1, i), c.reshape(-1))
+
+
+def layer_factors(lp: LayerPlan, block: RoundBlock, outputs: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's Taylor term over a block's k = (b, s) samples, every neuron varying:
+    linear layers (J (k, o, n), x (k, i), J a (k, o)), the design J ⊗ x kept factored; other
+    kinds (G (k, o, n·i), empty, G w (k, o)) with the design G formed."""
+    lb = block.layers[lp.name]
+    k = lb.rounds * lb.samples
+    if lp.kind.rank_one:
+        j = full_jacobian(lp, lb, outputs).reshape(k, outputs, -1)
+        return j, lb.x.reshape(k, -1), torch.einsum("koj,kj->ko", j, lb.pre().reshape(k, -1))
+    G = lb.design().reshape(k, outputs, -1)
+    return G, G.new_empty(0), lb.offset().sum(-1).reshape(k, outputs)
+
+
 class ChainGram:
     """Layer-scale statistics of ``layer_names`` and, when ``network``, the network-scale
     statistics of all ``plans`` together (Hessian blocks of every pair of layers)."""
@@ -143,8 +205,10 @@ class ChainGram:
             for m_, b in enumerate(self.plans):
                 if (l_ == m_ and (network or a.name in self.layer_names)) or \
                         (network and l_ < m_):
-                    self.H[(l_, m_)] = torch.zeros(a.out_features * b.out_features,
-                                                   a.d_aug * b.d_aug, **kw)
+                    # linear pairs keep the Kronecker layout (n_l n_m, i_l i_m); others (D_l, D_m)
+                    self.H[(l_, m_)] = (torch.zeros(a.out_features * b.out_features,
+                                                    a.d_aug * b.d_aug, **kw)
+                                        if self._kron(l_, m_) else torch.zeros(a.dim, b.dim, **kw))
         self.bL = {p.name: torch.zeros(p.out_features, p.d_aug, **kw) for p in self.plans
                    if p.name in self.layer_names}
         self.cL = {n: torch.zeros((), **kw) for n in self.bL}
@@ -158,29 +222,44 @@ class ChainGram:
         k = bsz * s
         scale = 1.0 / (s * self.p)
         e = err.reshape(k, -1)
-        J, X, Ja = [], [], []
-        for lp in self.plans:
-            lb = block.layers[lp.name]
-            j = full_jacobian(lp, lb, self.p).reshape(k, self.p, -1)
-            x = lb.x.reshape(k, -1)
-            a = lb.pre().reshape(k, -1)
-            J.append(j)
-            X.append(x)
-            Ja.append(torch.einsum("koj,kj->ko", j, a))
+        J, X, Ja = zip(*(layer_factors(lp, block, self.p) for lp in self.plans), strict=True)
+        dense: dict[int, torch.Tensor] = {}
+
+        def design(l_: int) -> torch.Tensor:  # (k·o, D_l), linear ones formed on demand
+            if l_ not in dense:
+                G = J[l_] if not self.plans[l_].kind.rank_one else \
+                    J[l_].unsqueeze(-1) * X[l_][:, None, None, :]
+                dense[l_] = G.reshape(k * self.p, -1)
+            return dense[l_]
+
         for (l_, m_), acc in self.H.items():
-            KK = torch.einsum("koj,kon->kjn", J[l_], J[m_]).reshape(k, -1)
-            acc.addmm_(KK.T, _outer(X[l_], X[m_]), alpha=scale)
+            if self._kron(l_, m_):
+                KK = torch.einsum("koj,kon->kjn", J[l_], J[m_]).reshape(k, -1)
+                acc.addmm_(KK.T, _outer(X[l_], X[m_]), alpha=scale)
+            else:
+                acc.addmm_(design(l_).T, design(m_), alpha=scale)
         for l_, lp in enumerate(self.plans):
             if lp.name in self.bL:
                 h = e - Ja[l_]
-                self.bL[lp.name] -= torch.einsum("koj,ko->kj", J[l_], h).T @ X[l_] * scale
+                self.bL[lp.name] -= self._adjoint(l_, J[l_], X[l_], h) * scale
                 self.cL[lp.name] += h.pow(2).sum() * scale
         if self.network:
             h = e - torch.stack(Ja).sum(0)
             for l_ in range(len(self.plans)):
-                self.bN[l_] -= torch.einsum("koj,ko->kj", J[l_], h).T @ X[l_] * scale
+                self.bN[l_] -= self._adjoint(l_, J[l_], X[l_], h) * scale
             self.cN += h.pow(2).sum() * scale
         self.count += block.stop - block.start
+
+    def _kron(self, l_: int, m_: int) -> bool:
+        return self.plans[l_].kind.rank_one and self.plans[m_].kind.rank_one
+
+    def _adjoint(self, l_: int, J: torch.Tensor, X: torch.Tensor, h: torch.Tensor
+                 ) -> torch.Tensor:
+        """Σ_k G_kᵀ h_k as (n, i)."""
+        lp = self.plans[l_]
+        if lp.kind.rank_one:
+            return torch.einsum("koj,ko->kj", J, h).T @ X
+        return torch.einsum("kod,ko->d", J, h).reshape(lp.out_features, lp.d_aug)
 
     def _block(self, l_: int, m_: int, out: torch.Tensor) -> None:
         """Copy the (l, m) Hessian block, divided by the round count, into ``out``."""
@@ -189,6 +268,9 @@ class ChainGram:
             tmp = torch.empty(b.dim, a.dim, **self.kw)
             self._block(m_, l_, tmp)
             out.copy_(tmp.T)
+            return
+        if not self._kron(l_, m_):
+            out.copy_(self.H[(l_, m_)]).div_(self.count)
             return
         r = self.H[(l_, m_)].view(a.out_features, b.out_features, a.d_aug, b.d_aug)
         out.view(a.out_features, a.d_aug, b.out_features, b.d_aug).copy_(r.permute(0, 2, 1, 3))

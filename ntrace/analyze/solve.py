@@ -8,6 +8,7 @@ cross-entropy uses a Fenchel duality gap (:mod:`ntrace.analyze.crossentropy`).
 - ball + quadratic: the trust-region subproblem solved exactly (Moré–Sorensen: Newton on
   1/R − 1/|u(λ)| with batched Cholesky factorisations, warm-started from the last λ);
 - none + quadratic: eigendecomposition and pseudo-inverse (the least-squares optimum);
+- linear objectives (nll): closed form (:func:`solve_linear`);
 - box, and anything not quadratic: accelerated projected gradient (FISTA) with backtracking,
   function-value restarts and an optional diagonal metric, stopping at ``gap <= tol``.
 Problems are batched along the first axis; converged ones leave the working batch.
@@ -77,7 +78,7 @@ def solve_quadratic(q: Quadratic, dom: Domain, tol: float, max_iter: int,
         if bool(bad.any()):  # rare: polish with projected gradient from the exact answer
             idx = bad.nonzero().squeeze(1)
             ref = fista(q.take(idx), dom.take(idx), sol.x[idx], tol, max_iter,
-                        lipschitz=_lipschitz(q.A[idx]), backtrack=True)
+                        lipschitz=lipschitz(q.A[idx]), backtrack=True)
             better = ref.gap < sol.gap[idx]
             for name in ("x", "value", "gap", "iterations"):
                 getattr(sol, name)[idx[better]] = getattr(ref, name)[better]
@@ -88,7 +89,7 @@ def solve_quadratic(q: Quadratic, dom: Domain, tol: float, max_iter: int,
     top = metric.amax(1, keepdim=True)
     metric = torch.where(top > 0, torch.maximum(metric, top * 1e-12), torch.ones_like(metric))
     start = dom.start() if x0 is None else dom.project(x0)
-    L = _lipschitz(q.A / metric.sqrt().unsqueeze(1) / metric.sqrt().unsqueeze(2))
+    L = lipschitz(q.A / metric.sqrt().unsqueeze(1) / metric.sqrt().unsqueeze(2))
     return fista(q, dom, start, tol, max_iter, lipschitz=L, metric=metric, backtrack=True)
 
 
@@ -109,7 +110,29 @@ def _reduced(q: Quadratic, dom: Domain, keep: torch.Tensor, tol: float, max_iter
     return sol
 
 
-def _lipschitz(A: torch.Tensor) -> torch.Tensor:
+def solve_linear(g: torch.Tensor, c: torch.Tensor, dom: Domain) -> Solution:
+    """Minimise ``gᵀu + c`` over each set in closed form (gap 0): a ball's point opposite
+    the gradient, a box's corner; unconstrained, unbounded below unless g vanishes (to
+    rounding)."""
+    B = g.shape[0]
+    n = g.norm(dim=1)
+    zero = torch.zeros_like(c)
+    status = torch.full((B,), CONVERGED, dtype=torch.int8, device=g.device)
+    if dom.kind == "ball":
+        assert dom.center is not None and dom.radius is not None
+        x = dom.center - dom.radius[:, None] * g / n.clamp(min=1e-300)[:, None]
+    elif dom.kind == "box":
+        assert dom.lower is not None and dom.upper is not None
+        x = torch.where(g > 0, dom.lower, dom.upper)
+    else:
+        x = torch.zeros_like(g)
+        status[n > 1e-12 * c.abs().clamp(min=1.0)] = UNBOUNDED
+    value = (g * x).sum(1) + c
+    its = torch.zeros(B, dtype=torch.int64, device=g.device)
+    return Solution(x, value, zero, its, status, torch.full_like(c, math.nan))
+
+
+def lipschitz(A: torch.Tensor) -> torch.Tensor:
     """2 λ_max(A) per problem: exact for small D, power iteration (with margin) otherwise."""
     if A.shape[-1] <= 512:
         return 2 * torch.linalg.eigvalsh(A)[:, -1].clamp(min=1e-300)

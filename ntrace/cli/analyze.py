@@ -55,14 +55,14 @@ def _checkpoints(text: str) -> int | tuple[int, ...]:
 
 def _options(domain: str, checkpoints: str, tol: float, max_iter: int, scale: str | None,
              layer: Sequence[str], neuron: Sequence[int], device: str, max_dim: int | None,
-             dynamic: bool, exploration: bool, progress: Any) -> Any:
+             max_memory: int, dynamic: bool, exploration: bool, progress: Any) -> Any:
     from ntrace.analyze import AnalysisOptions, parse_scales
 
     return AnalysisOptions(domain=domain, checkpoints=_checkpoints(checkpoints), tol=tol,
                            max_iter=max_iter, scales=parse_scales(scale),
                            layers=tuple(layer) or None, neurons=tuple(neuron) or None,
-                           device=device, max_dim=max_dim, dynamic=dynamic,
-                           exploration=exploration, progress=progress)
+                           device=device, max_dim=max_dim, max_memory=max_memory * 2**20,
+                           dynamic=dynamic, exploration=exploration, progress=progress)
 
 
 class _Bars:
@@ -114,7 +114,9 @@ def summary_table(ds: Any, title: str) -> Table:
 
     def conv(status: Any) -> str:
         s = np.asarray(status)
-        return f"{int((s == 0).sum())}/{s.size}"
+        unbounded = int((s == 2).sum())
+        return f"{int((s == 0).sum())}/{s.size}" + (f" ({unbounded} unbounded)"
+                                                    if unbounded else "")
 
     if "network_optimum" in ds:
         t.add_row("network", "all", _fmt(float(ds.network_optimum[-1])),
@@ -185,7 +187,11 @@ _common = [
                  help="comma-separated subset of network,layer,neuron [default: all possible]"),
     click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N"),
     click.option("--max-dim", type=int, default=None,
-                 help="largest layer/network problem solved [default: 4096 CPU, 16384 CUDA]"),
+                 help="largest layer/network/neuron problem solved (parameters) [default: 4096 "
+                      "CPU, 16384 CUDA]"),
+    click.option("--max-memory", type=int, default=2048, show_default=True,
+                 help="MiB of Taylor data held in memory by cross-entropy and binary logistic "
+                      "analyses"),
     click.option("--dynamic", is_flag=True,
                  help="also solve each round's own best response (DYNAMIC regret, neurons)"),
     click.option("--no-exploration", is_flag=True, help="skip the exploration measures"),
@@ -211,8 +217,8 @@ def _with_common(fn: F) -> F:
 @_one_line
 def analyze(trace: str, out: str | None, layer: tuple[str, ...], neuron: tuple[int, ...],
             domain: str, checkpoints: str, tol: float, max_iter: int, scale: str | None,
-            device: str, max_dim: int | None, dynamic: bool, no_exploration: bool,
-            no_figures: bool, quiet: bool) -> None:
+            device: str, max_dim: int | None, max_memory: int, dynamic: bool,
+            no_exploration: bool, no_figures: bool, quiet: bool) -> None:
     """Hindsight Taylor optima, regret and exploration of TRACE.
 
     Writes OUT/results.zarr (an xarray Dataset) and OUT/figures/*.png|svg.
@@ -226,7 +232,7 @@ def analyze(trace: str, out: str | None, layer: tuple[str, ...], neuron: tuple[i
                                          .removesuffix(".zarr") + ".analysis")
     with _Bars(console) as bars:
         opts = _options(domain, checkpoints, tol, max_iter, scale, layer, neuron, device,
-                        max_dim, dynamic, not no_exploration, bars)
+                        max_dim, max_memory, dynamic, not no_exploration, bars)
         _prepare(out_dir, trace)
         ds = analyze_trace(trace, opts, out=out_dir / "results.zarr")
     figs: list[Path] = []
@@ -277,8 +283,8 @@ def _label(ds: Any, path: str) -> str:
 @_one_line
 def compare(inputs: tuple[str, ...], out: str, label: tuple[str, ...], domain: str,
             checkpoints: str, tol: float, max_iter: int, scale: str | None, device: str,
-            max_dim: int | None, dynamic: bool, no_exploration: bool, no_figures: bool,
-            quiet: bool) -> None:
+            max_dim: int | None, max_memory: int, dynamic: bool, no_exploration: bool,
+            no_figures: bool, quiet: bool) -> None:
     """Analyse several traces (e.g. SGD, RMSProp, Adam) and overlay them in one set of
     figures. An input that is already a results store is reused as it is."""
     from ntrace.analyze import analyze_trace, is_results_store, open_results
@@ -302,7 +308,7 @@ def compare(inputs: tuple[str, ...], out: str, label: tuple[str, ...], domain: s
         else:
             with _Bars(console, f"[{k + 1}/{len(inputs)}] ") as bars:
                 opts = _options(domain, checkpoints, tol, max_iter, scale, (), (), device,
-                                max_dim, dynamic, not no_exploration, bars)
+                                max_dim, max_memory, dynamic, not no_exploration, bars)
                 ds = analyze_trace(path, opts, out=out_dir / f"results_{k}.zarr")
         results.append(ds)
         labels.append(label[k] if label else _label(ds, path))
