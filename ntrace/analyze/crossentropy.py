@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ntrace.analyze.links import CrossEntropy, Link
+from ntrace.analyze.solve import curvature, lipschitz
 
 CE = CrossEntropy()
 
@@ -155,6 +156,12 @@ class DenseCE:
         """(B, D, D): (1/K) Σ_k M_kᵀ C_k M_k."""
         z = self._z(u)
         return torch.einsum("bkod,bkoe->bde", self.M, self.link.cmul(z, self.M)) / z.shape[1]
+
+    def hvp(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Hessian–vector products (B, D) without forming the Hessian."""
+        z = self._z(u)
+        Cv = self.link.cmul(z, torch.einsum("bkod,bd->bko", self.M, v))
+        return torch.einsum("bkod,bko->bd", self.M, Cv) / z.shape[1]
 
     def dual(self, u: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
         z = self._z(u)
@@ -305,6 +312,14 @@ class ChainCE:
 
 
 Problem = NeuronCE | DenseCE | ChainCE
+
+
+def max_curvature(problem: Problem, u: torch.Tensor) -> torch.Tensor:
+    """λ_max of each problem's Hessian at u: from the formed Hessian, or from Hessian–vector
+    products where the Hessian of a full design would cost K·o times more to form."""
+    if isinstance(problem, DenseCE) and problem.M.shape[-1] > 256:
+        return curvature(lambda v: problem.hvp(u, v), u)
+    return lipschitz(problem.hessian(u)) / 2
 
 
 def reduce(problem: Problem, center: torch.Tensor

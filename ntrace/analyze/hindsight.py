@@ -30,7 +30,6 @@ from ntrace.analyze.solve import (
     UNBOUNDED,
     Solution,
     fista,
-    lipschitz,
     solve_linear,
     solve_quadratic,
 )
@@ -138,8 +137,8 @@ class _Solver:
         x0 = start if warm is None else warm
         if dom.kind != "none":
             x0 = dom.project(x0)
-            L0 = lipschitz(prob.hessian(x0)) / 2
-            return fista(prob, dom, x0, o.tol, o.max_iter, lipschitz=L0)
+            return fista(prob, dom, x0, o.tol, o.max_iter,
+                         lipschitz=ce.max_curvature(prob, x0))
         B = x0.shape[0]
         if fam.attained is None:
             fam.attained = np.zeros(B, dtype=bool)
@@ -246,6 +245,7 @@ class Accumulators:
                  max_memory: int) -> None:
         self.loss, self.p = loss, p
         self.plans = list(plans)
+        active = [lp for lp in plans if network or lp.name in neuron or lp.name in layer]
         self.grams: dict[str, NeuronGram | DenseNeuronGram] = {}
         self.chain: ChainGram | None = None
         self.nll: NLLStats | None = None
@@ -258,9 +258,9 @@ class Accumulators:
                                        [lp for lp in plans if lp.name in layer],
                                        list(layer), network, p, device)
         elif loss == "nll":
-            self.nll = NLLStats(plans, device)
+            self.nll = NLLStats(active, device)
         elif loss in LINKS:
-            self.work = WorkingSet(plans, rows, p, device, max_memory, LINKS[loss])
+            self.work = WorkingSet(active, rows, p, device, max_memory, LINKS[loss])
         else:
             raise UsageError(f"loss {loss!r} cannot be analysed by this ntrace; it analyses "
                              f"mse, nll, {', '.join(LINKS)}")
@@ -316,7 +316,7 @@ class Accumulators:
         assert self.work is not None
         prob = per_round_problem(lp, block, self.p, self.work.link)
         return fista(prob, dom, dom.start(), opts.tol, opts.max_iter,
-                     lipschitz=lipschitz(prob.hessian(dom.start())) / 2)
+                     lipschitz=ce.max_curvature(prob, dom.start()))
 
 
 def _solve(solver: _Solver, fam: Family, obj: Objective, k: int, start: torch.Tensor) -> None:

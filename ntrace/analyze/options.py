@@ -88,8 +88,8 @@ class AnalysisOptions:
         if self.max_dim is not None and self.max_dim < 1:
             raise UsageError(f"max_dim must be positive, found {self.max_dim}")
         if self.max_memory < 1:
-            raise UsageError(f"max_memory must be a positive number of bytes, found "
-                             f"{self.max_memory}")
+            raise UsageError(f"max_memory must be positive, found {self.max_memory} bytes "
+                             "(the CLI's --max-memory counts MiB)")
         if not 0.0 <= self.fit_from < 1.0:
             raise UsageError(f"fit_from must lie in [0, 1), found {self.fit_from}")
         if not 0.0 < self.confidence < 1.0:

@@ -2,7 +2,8 @@
 
 Dimensions: ``checkpoint`` (Taylor-round counts N at which optima were solved),
 ``taylor_round``, ``round``, ``layer`` and ``neuron`` (the analysed layers and neurons, in
-network order), ``feature`` (augmented input features, NaN-padded across layers),
+network order), ``feature`` (entries of a neuron's augmented row: weights, then bias;
+NaN-padded across layers),
 ``snapshot``, ``probe``, ``unit`` and the ``*_rank`` dimensions of sorted exploration
 curves. Layers are referred to by position; their names are in the ``ntrace`` attribute
 (``layer_names``) and on each layer-indexed variable. Results live in their own store:

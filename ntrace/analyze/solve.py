@@ -145,6 +145,19 @@ def lipschitz(A: torch.Tensor) -> torch.Tensor:
     return 2.2 * lam.clamp(min=1e-300)
 
 
+def curvature(matvec: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor,
+              iterations: int = 40) -> torch.Tensor:
+    """λ_max of each problem's Hessian from Hessian–vector products (power iteration, with
+    a margin of 10%), when forming the Hessian would cost more than the products."""
+    v = torch.ones_like(like) / like.shape[1] ** 0.5
+    lam = torch.zeros(like.shape[0], dtype=like.dtype, device=like.device)
+    for _ in range(iterations):
+        w = matvec(v)
+        lam = w.norm(dim=1)
+        v = w / lam.clamp(min=1e-300)[:, None]
+    return 1.1 * lam.clamp(min=1e-300)
+
+
 def least_squares(q: Quadratic, tol: float) -> Solution:
     """Unconstrained minimum by eigendecomposition: u = A⁺b, certificate ¼ ∇ᵀA⁺∇ (components
     of ∇ on eigenvalues below 1e-13·λ_max are rounding and are left out)."""

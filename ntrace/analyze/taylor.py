@@ -1,10 +1,11 @@
 """Taylor losses evaluated directly from the stored factors (spec section 8).
 
 ``T_s = f_s + Σ_l J_{l,s} Δa_{l,s}[tracked]`` with ``Δa = op(x_s, V − W) + (c − b)`` (``op``
-per layer kind, :mod:`ntrace.analyze.kinds`); the
-Taylor loss of round t is the mean over recorded samples of ℓ(T_s, y_s). These functions
-work on one round at a time, are differentiable in the candidate parameters (torch
-autograd), and serve as the reference that the accumulated statistics are tested against.
+per layer kind, :mod:`ntrace.analyze.kinds`); the Taylor loss of round t is the mean over
+recorded samples of ℓ(T_s, y_s). These functions apply ``op`` itself (never the designs the
+solvers use), work on one round at a time, are differentiable in the candidate parameters
+(torch autograd), and serve as the reference that the accumulated statistics are tested
+against.
 """
 
 from __future__ import annotations

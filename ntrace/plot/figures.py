@@ -30,6 +30,22 @@ def _names(ds: xr.Dataset) -> list[str]:
     return list(ds.attrs["ntrace"]["layer_names"])
 
 
+def _log(ax: Axes, axis: str) -> None:
+    """A log scale on ``axis`` if something finite and positive was drawn along it; an axes
+    with nothing to show (e.g. every optimum unbounded) says so instead."""
+    vals = []
+    for line in ax.get_lines():
+        x, y = (np.asarray(v, dtype=np.float64) for v in line.get_data())
+        ok = np.isfinite(x) & np.isfinite(y)
+        vals.append((x if axis == "x" else y)[ok])
+    v = np.concatenate(vals) if vals else np.zeros(0)
+    if (v > 0).any():
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    elif not v.size:
+        ax.text(0.5, 0.5, "no finite values (e.g. unbounded optima)", ha="center",
+                va="center", transform=ax.transAxes, color="grey")
+
+
 def _band(ax: Axes, x: np.ndarray, y: np.ndarray, color: object, label: str) -> None:
     """Mean over the last axis with a ±1 s.d. band (NaNs ignored)."""
     with np.errstate(invalid="ignore"):
@@ -59,7 +75,7 @@ def _neuron_panel(ax: Axes, dss: Sequence[xr.Dataset], labels: Sequence[str]) ->
                 _band(ax, x, y[:, layers == li], cols[li], names[li])
         else:
             _band(ax, x, y, _colors(len(dss))[k], labels[k])
-    ax.set_xscale("log")
+    _log(ax, "x")
     ax.set_xlabel("Taylor rounds N")
 
 
@@ -81,7 +97,7 @@ def _layer_panel(ax: Axes, dss: Sequence[xr.Dataset], labels: Sequence[str]) -> 
         if "network_regret_over_sqrt_n" in ds:
             ax.plot(x, ds.network_regret_over_sqrt_n.values, color="k" if single else c,
                     linestyle="--", label="network" if single else f"{labels[k]} (network)")
-    ax.set_xscale("log")
+    _log(ax, "x")
     ax.set_xlabel("Taylor rounds N")
 
 
@@ -90,7 +106,7 @@ def _loss_panel(ax: Axes, dss: Sequence[xr.Dataset], labels: Sequence[str]) -> N
     for k, ds in enumerate(dss):
         ax.plot(ds.round_index.values, ds.taylor_loss.values, color=_colors(len(dss))[k],
                 label=labels[k], linewidth=0.8)
-    ax.set_yscale("log")
+    _log(ax, "y")
     ax.set_xlabel("training round")
 
 
@@ -110,7 +126,7 @@ def _cumulative_panel(ax: Axes, dss: Sequence[xr.Dataset], labels: Sequence[str]
                         label=f"{labels[k]}: N × {scale} optimum"
                               + (" (mean over layers)" if scale == "layer" else ""))
                 break
-    ax.set_xscale("log")
+    _log(ax, "x")
     ax.set_xlabel("Taylor rounds N")
 
 
