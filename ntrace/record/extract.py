@@ -129,13 +129,15 @@ class Extractor:
         self.watcher.paused = True
         try:
             with dropout_off(self.model):
+                last = frozenset(la.name for la in wanted if la.handler.kind == "embedding")
                 rev = {la.name: la.module for la in wanted if modes[la.name] == "reverse"}
                 if rev:
-                    out.update(jacobians_reverse(run, rev, self.tracked, self.max_bytes))
+                    out.update(jacobians_reverse(run, rev, self.tracked, self.max_bytes, last))
                 for la in wanted:
                     if modes[la.name] == "forward":
                         out[la.name] = jacobian_forward(run, la.module, self.tracked[la.name], s,
-                                                        la.geometry.output_shape, self.max_bytes)
+                                                        la.geometry.output_shape, self.max_bytes,
+                                                        la.name in last)
         finally:
             self.watcher.paused = False
             for h in handles:

@@ -4,7 +4,9 @@ Index convention: ``s`` recorded sample, ``o`` network output, ``c`` tracked neu
 ``*q`` output positions of the layer. A zero perturbation ``δ_l`` is added to each tracked
 layer's output by a forward hook in one extra forward of the recorded samples, so that
 ``∂f/∂δ_l = J_l`` exactly, whatever the graph between the layers (pooling, residuals, norms in
-eval mode, replayed dropout masks, functional ops).
+eval mode, replayed dropout masks, functional ops). Layers whose output holds the neuron
+axis last (``nn.Embedding``: sample, *index, neuron) are named in ``neuron_last``; their
+Jacobians are returned neurons-first like every other layer's.
 
 - *reverse mode*: one backward per output unit, batched (``is_grads_batched``) in chunks that
   fit ``max_bytes``; one pass serves every reverse-mode layer.
@@ -35,7 +37,8 @@ def _with_hooks(modules: Sequence[nn.Module], hook: Callable[..., Any]) -> list[
 
 
 def jacobians_reverse(run: Forward, layers: dict[str, nn.Module], tracked: dict[str, torch.Tensor],
-                      max_bytes: int) -> dict[str, torch.Tensor]:
+                      max_bytes: int, neuron_last: frozenset[str] = frozenset()
+                      ) -> dict[str, torch.Tensor]:
     """J for every layer in ``layers`` (name → module) by batched vector–Jacobian products.
 
     ``run()`` performs the forward of the recorded samples and returns f of shape (s, p).
@@ -59,7 +62,9 @@ def jacobians_reverse(run: Forward, layers: dict[str, nn.Module], tracked: dict[
     inputs = [deltas[layers[n]] for n in names]
     per_unit = 4 * sum(d.numel() for d in inputs) * 3  # gradients and intermediates, float32
     chunk = int(max(1, min(p, max_bytes // max(per_unit, 1))))
-    out = {n: torch.empty((s, p, len(tracked[n]), *deltas[layers[n]].shape[2:]),
+    first = {n: (deltas[layers[n]].movedim(-1, 1) if n in neuron_last else deltas[layers[n]])
+             for n in names}  # neurons-first views, for the shapes
+    out = {n: torch.empty((s, p, len(tracked[n]), *first[n].shape[2:]),
                           dtype=f.dtype, device=f.device) for n in names}
     for o0 in range(0, p, chunk):
         c = min(chunk, p - o0)
@@ -67,6 +72,8 @@ def jacobians_reverse(run: Forward, layers: dict[str, nn.Module], tracked: dict[
         E[torch.arange(c), :, o0 + torch.arange(c)] = 1
         grads = _batched_grad(f, inputs, E)
         for n, g in zip(names, grads, strict=True):  # g: (c, s, neuron, *q)
+            if n in neuron_last:  # (c, s, *q, neuron) as the module returns it
+                g = g.movedim(-1, 2)
             out[n][:, o0:o0 + c] = g.index_select(2, tracked[n]).transpose(0, 1)
     return out
 
@@ -87,8 +94,12 @@ def _batched_grad(f: torch.Tensor, inputs: list[torch.Tensor], E: torch.Tensor
 
 
 def jacobian_forward(run: Forward, layer: nn.Module, tracked: torch.Tensor, s: int,
-                     out_shape: Sequence[int], max_bytes: int) -> torch.Tensor:
-    """J of one layer by forward-mode products along each tracked unit, (s, p, tracked, *q)."""
+                     out_shape: Sequence[int], max_bytes: int, neuron_last: bool = False
+                     ) -> torch.Tensor:
+    """J of one layer by forward-mode products along each tracked unit, (s, p, tracked, *q).
+
+    ``out_shape`` is neurons-first, (neuron, *q); with ``neuron_last`` the module returns
+    (s, *q, neuron) and the perturbation is laid out that way."""
     import torch.func as tf
 
     delta: list[torch.Tensor] = []
@@ -104,7 +115,8 @@ def jacobian_forward(run: Forward, layer: nn.Module, tracked: torch.Tensor, s: i
     handle = layer.register_forward_hook(add)
     dtype = next(layer.parameters()).dtype
     try:
-        zero = torch.zeros((s, *out_shape), device=tracked.device, dtype=dtype)
+        native = (*q, n) if neuron_last else (n, *q)
+        zero = torch.zeros((s, *native), device=tracked.device, dtype=dtype)
 
         def f(d: torch.Tensor) -> torch.Tensor:
             delta[:] = [d]
@@ -125,7 +137,10 @@ def jacobian_forward(run: Forward, layer: nn.Module, tracked: torch.Tensor, s: i
             tangents = torch.zeros((len(u), s, n * positions), device=tracked.device, dtype=dtype)
             flat = tracked[u // positions] * positions + u % positions
             tangents[torch.arange(len(u)), :, flat] = 1
-            res = tf.vmap(column)(tangents.reshape(len(u), s, *out_shape))  # (u, s, p)
+            t = tangents.reshape(len(u), s, *out_shape)
+            if neuron_last:
+                t = t.movedim(2, -1)
+            res = tf.vmap(column)(t)  # (u, s, p)
             p_out = res.shape[-1]
             cols.append(res)
     finally:

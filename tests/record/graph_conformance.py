@@ -28,8 +28,11 @@ def _loss(loss_id: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _functional(kind: str, geo: dict, x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """The layer's pre-activation, neurons first: (s, neuron, *positions)."""
     if kind == "linear":
         return F.linear(x, V)
+    if kind == "embedding":
+        return F.embedding(x, V).movedim(-1, 1)
     k = len(geo["stride"])
     if kind == "conv":
         op = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[k]
@@ -88,7 +91,7 @@ def check_graph_trace(path: Path, model: nn.Module,
             delta = torch.einsum("so...,so->s...", J, dl)
             (a.index_select(1, tracked) * delta).sum().backward()
             got, want = V.grad, mods[n].weight.grad
-            axis = 1 if la["kind"] == "conv_transpose" else 0
+            axis = 1 if la["kind"] in ("conv_transpose", "embedding") else 0
             got, want = got.index_select(axis, tracked), want.index_select(axis, tracked)
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6 * (1 + want.abs().max()),
                                        msg=f"layer {n}, Taylor round {t}")
