@@ -199,6 +199,43 @@ def row_space(device: torch.device, B: int = 8, K: int = 16, o: int = 10, D: int
     return out
 
 
+def measure(steps: int, device: torch.device, snapshots: int, scipy_iter: int
+            ) -> list[tuple[str, float, float, str]]:
+    """(kernel, reference seconds, ntrace seconds, note) for every kernel of the module
+    docstring, measured in this run."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ae.zarr"
+        t = time.perf_counter()
+        record(path, steps)
+        print(f"recorded {steps} rounds of digits-autoencoder in "
+              f"{time.perf_counter() - t:.1f}s")
+        with torch.no_grad():
+            for kind in ("box", "none", "ball"):
+                problems = neuron_problems(path, device, kind)
+                n = sum(q.b.shape[0] for q, _ in problems)
+                ours(problems, device)  # warm-up (first-call overheads)
+                runs = [ours(problems, device) for _ in range(5)]
+                t_ours = float(np.median([r[0] for r in runs]))  # median of 5: robust to noise
+                _, v_ours, gap = runs[0]
+                t_sp, v_sp, failed, method = scipy_one_by_one(problems, scipy_iter)
+                rows.append((f"neuron optima, domain {kind} ({n} neurons) vs {method}", t_sp,
+                             t_ours,
+                             f"sum of optima: batched {v_ours.sum():.12f} (max certified gap "
+                             f"{gap:.1e}), {method} {v_sp.sum():.12f} ({failed} stopped at the "
+                             f"iteration cap); max |diff| {np.abs(v_ours - v_sp).max():.1e}; "
+                             f"batched lower on {int((v_ours < v_sp - 1e-12).sum())}, higher on "
+                             f"{int((v_ours > v_sp + 1e-12).sum())}"))
+    with torch.no_grad():
+        rows += row_space(device)
+    K, Q, M = snapshots, 500, 180
+    t_packed, t_naive, dense_bytes, packed_bytes = hamming(K, Q, M)
+    rows.append((f"Hamming min distance + switches ({K} snapshots x {Q} probes x {M} units)",
+                 t_naive, t_packed, f"same answers; packed input {packed_bytes / 2**20:.1f} "
+                                    f"MiB vs unpacked bools {dense_bytes / 2**20:.1f} MiB"))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=400, help="training rounds to record")
@@ -208,36 +245,7 @@ def main() -> None:
                     help="iteration cap of each scipy solve (bounds the reference's time)")
     args = ap.parse_args()
     device = torch.device(args.device)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "ae.zarr"
-        t = time.perf_counter()
-        record(path, args.steps)
-        print(f"recorded {args.steps} rounds of digits-autoencoder in "
-              f"{time.perf_counter() - t:.1f}s")
-        torch.set_grad_enabled(False)
-        for kind in ("box", "none", "ball"):
-            problems = neuron_problems(path, device, kind)
-            n = sum(q.b.shape[0] for q, _ in problems)
-            ours(problems, device)  # warm-up (first-call overheads)
-            runs = [ours(problems, device) for _ in range(5)]
-            t_ours = float(np.median([r[0] for r in runs]))  # median of 5: robust to noise
-            _, v_ours, gap = runs[0]
-            t_sp, v_sp, failed, method = scipy_one_by_one(problems, args.scipy_iter)
-            rows.append((f"neuron optima, domain {kind} ({n} neurons) vs {method}", t_sp,
-                         t_ours,
-                         f"sum of optima: batched {v_ours.sum():.12f} (max certified gap "
-                         f"{gap:.1e}), {method} {v_sp.sum():.12f} ({failed} stopped at the "
-                         f"iteration cap); max |diff| {np.abs(v_ours - v_sp).max():.1e}; "
-                         f"batched lower on {int((v_ours < v_sp - 1e-12).sum())}, higher on "
-                         f"{int((v_ours > v_sp + 1e-12).sum())}"))
-    with torch.no_grad():
-        rows += row_space(device)
-    K, Q, M = args.snapshots, 500, 180
-    t_packed, t_naive, dense_bytes, packed_bytes = hamming(K, Q, M)
-    rows.append((f"Hamming min distance + switches ({K} snapshots x {Q} probes x {M} units)",
-                 t_naive, t_packed, f"same answers; packed input {packed_bytes / 2**20:.1f} "
-                                    f"MiB vs unpacked bools {dense_bytes / 2**20:.1f} MiB"))
+    rows = measure(args.steps, device, args.snapshots, args.scipy_iter)
     print(f"\n{'kernel':<62} {'reference s':>11} {'ntrace s':>9} {'ratio':>7}")
     for name, ref, mine, note in rows:
         print(f"{name:<62} {ref:>11.2f} {mine:>9.3f} {ref / mine:>6.1f}x")

@@ -49,33 +49,37 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    task = get_task(args.task)
     tmp = Path(tempfile.mkdtemp(prefix="ntrace-bench-"))
     try:
-        rows = measure(args, task, tmp)
+        rows = measure(args.task, tmp, data_dir=args.data_dir, steps=args.steps,
+                       paper_steps=args.paper_steps, repeats=args.repeats, device=args.device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the paper setting writes gigabytes
     print_table(args, rows)
 
 
-def measure(args: argparse.Namespace, task: Any, tmp: Path) -> list[dict[str, Any]]:
-    settings = {
-        "default": (task.sampling, args.steps),
-        "paper (every round, whole batch)": (
-            Sampling(taylor_every=1, samples_per_round=task.batch_size), args.paper_steps),
-    }
+def measure(task_name: str, tmp: Path, *, data_dir: str | None, steps: int, paper_steps: int,
+            repeats: int, device: str = "cpu") -> list[dict[str, Any]]:
+    """Plain vs recorded runs of ``task_name``, interleaved ``repeats`` times, at the task's
+    default sampling and (``paper_steps`` > 0) the paper's; traces are left in ``tmp``
+    (``row["trace"]``)."""
+    task = get_task(task_name)
+    settings = {"default": (task.sampling, steps)}
+    if paper_steps > 0:
+        settings["paper (every round, whole batch)"] = (
+            Sampling(taylor_every=1, samples_per_round=task.batch_size), paper_steps)
     rows = []
-    timed_run(args.task, RunOptions(out=str(tmp / "warm.zarr"), record=False,
-                                    data_dir=args.data_dir, steps=50, device=args.device))
-    for label, (sampling, steps) in settings.items():
+    timed_run(task_name, RunOptions(out=str(tmp / "warm.zarr"), record=False,
+                                    data_dir=data_dir, steps=50, device=device))
+    for label, (sampling, n_steps) in settings.items():
         plain_t, plain_total, rec_t, rec_total = [], [], [], []
-        out = tmp / f"{label.split()[0]}.zarr"
-        for _ in range(args.repeats):
-            common = dict(data_dir=args.data_dir, steps=steps, device=args.device, seed=0)
-            t, tot = timed_run(args.task, RunOptions(out=str(out), record=False, **common))
+        out = tmp / f"{task_name}-{label.split()[0]}.zarr"
+        for _ in range(repeats):
+            common = dict(data_dir=data_dir, steps=n_steps, device=device, seed=0)
+            t, tot = timed_run(task_name, RunOptions(out=str(out), record=False, **common))
             plain_t += t
             plain_total.append(tot)
-            t, tot = timed_run(args.task, RunOptions(out=str(out), overwrite=True,
+            t, tot = timed_run(task_name, RunOptions(out=str(out), overwrite=True,
                                                      sampling=sampling, **common))
             rec_t += t
             rec_total.append(tot)
@@ -84,9 +88,10 @@ def measure(args: argparse.Namespace, task: Any, tmp: Path) -> list[dict[str, An
         stored = dir_bytes(out)
         rows.append({
             "setting": label,
+            "trace": out,
             "taylor_every": sampling.taylor_every,
             "samples": sampling.samples_per_round,
-            "rounds": steps,
+            "rounds": n_steps,
             "plain_ms": 1e3 * statistics.median(plain_t),
             "rec_ms": 1e3 * statistics.median(rec_t),
             "median_ratio": statistics.median(rec_t) / statistics.median(plain_t),

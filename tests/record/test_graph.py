@@ -117,15 +117,20 @@ def conv_data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(96, 3, 8, 8, generator=g), torch.randint(0, 5, (96,), generator=g)
 
 
-def record_graph(path: Path, model: nn.Module, rounds: int = 8, **options: object) -> None:
-    x, y = conv_data()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+def record_graph(path: Path, model: nn.Module, rounds: int = 8,
+                 data: tuple[torch.Tensor, torch.Tensor] | None = None, batch: int = 12,
+                 lr: float = 0.05, **options: object) -> None:
+    """Train ``model`` with SGD on ``data`` (default :func:`conv_data`) while recording."""
+    x, y = data if data is not None else conv_data()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    options.setdefault("probe", x[:10])
+    options.setdefault("probe_index", range(10))
+    options.setdefault("probe_every", 3)
     with record(model, path, loss="cross_entropy", optimizer=opt,
                 sampling=Sampling(taylor_every=2, samples_per_round=4, neurons=4),
-                probe=x[:10], probe_index=range(10), probe_every=3,
                 expected_rounds=rounds, **options) as rec:  # type: ignore[arg-type]
         for n in range(rounds):
-            idx = torch.arange(n * 12, n * 12 + 12)
+            idx = torch.arange(n * batch, n * batch + batch)
             out = model(x[idx])
             loss = F.cross_entropy(out, y[idx])
             rec.step(loss, out, y[idx], indices=idx)
@@ -252,18 +257,8 @@ def test_embedding_trace_conformance(tmp_path: Path, mode: str) -> None:
     torch.manual_seed(2)
     model = Embedder()
     path = tmp_path / f"emb-{mode}.zarr"
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with record(model, path, loss="cross_entropy", optimizer=opt, jacobian_mode=mode,
-                sampling=Sampling(taylor_every=2, samples_per_round=4, neurons=4),
-                expected_rounds=6) as rec:
-        for n in range(6):
-            idx = torch.arange(n * 8, n * 8 + 8)
-            out = model(x_all[idx])
-            loss = F.cross_entropy(out, y_all[idx])
-            rec.step(loss, out, y_all[idx], indices=idx)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    record_graph(path, model, rounds=6, data=(x_all, y_all), batch=8, lr=0.1,
+                 jacobian_mode=mode, probe=None, probe_every=0)
     assert validate_trace(path).ok
     checked = check_graph_trace(path, Embedder(),
                                 lambda gr, t: x_all[gr["taylor/sample_index"][t]])
