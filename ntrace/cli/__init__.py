@@ -23,6 +23,14 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def fail_with_reasons(verdict: str, what: str, reasons: list[str]) -> None:
+    """``verdict: what: N problem(s)`` and one indented line per reason on stderr; exit 1."""
+    click.echo(f"{verdict}: {what}: {len(reasons)} problem(s)", err=True)
+    for reason in reasons:
+        click.echo(f"  - {reason}", err=True)
+    sys.exit(1)
+
+
 def handle_errors(fn: F) -> F:
     """Turn library errors (and a few OS ones) into one-line messages and exit codes."""
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 from rich.console import Console
 from rich.table import Table
 
-from ntrace.cli import handle_errors
+from ntrace.cli import fail_with_reasons, handle_errors
 
 
 @click.command()
@@ -68,7 +66,4 @@ def validate(trace: str, quick: bool) -> None:
                    f"{a.commit.rounds} rounds, {a.commit.taylor_rounds} Taylor rounds, "
                    f"{a.commit.snapshots} snapshots{note}")
         return
-    click.echo(f"invalid: {trace}: {len(report.reasons)} problem(s)", err=True)
-    for reason in report.reasons:
-        click.echo(f"  - {reason}", err=True)
-    sys.exit(1)
+    fail_with_reasons("invalid", trace, list(report.reasons))

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 from rich.console import Console
 
-from ntrace.cli import handle_errors
+from ntrace.cli import fail_with_reasons, handle_errors
 
 
 @click.command()
@@ -64,7 +62,4 @@ def verify(archive: str) -> None:
                    f"(format {m.get('format_version')}, {c.get('rounds')} rounds, status "
                    f"{m.get('status')})")
         return
-    click.echo(f"corrupt: {archive}: {len(report.reasons)} problem(s)", err=True)
-    for reason in report.reasons:
-        click.echo(f"  - {reason}", err=True)
-    sys.exit(1)
+    fail_with_reasons("corrupt", archive, list(report.reasons))
