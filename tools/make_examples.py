@@ -242,6 +242,10 @@ def m_negative_every(p: Path) -> None:
     edit_attrs(p, "", lambda a: a["sampling"].update(taylor_every=-3))
 
 
+def m_world_size(p: Path) -> None:
+    edit_attrs(p, "", lambda a: a["sampling"].update(world_size=3))
+
+
 def m_group_node(p: Path) -> None:
     meta = p / "taylor/zarr.json"
     doc = read_json(meta)
@@ -376,6 +380,9 @@ EXAMPLES: list[Example] = [
     Example("schema-violation", "tiny-mlp", "loss.id is 'hinge' (not one of the loss "
             "identifiers)", m_loss_id),
     Example("negative-taylor-every", "tiny-mlp", "sampling.taylor_every is -3", m_negative_every),
+    Example("world-size-indivisible", "tiny-mlp", "sampling.world_size is 3 while "
+            "samples_per_round is 2 (each of the 3 processes must record as many samples)",
+            m_world_size),
     Example("group-attributes-missing", "tiny-mlp", "the taylor group has no 'ntrace' attribute",
             m_group_node),
     Example("mask-disagrees", "tiny-mlp", "one activation bit of layers/fc1/mask flipped (the "

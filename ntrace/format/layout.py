@@ -31,6 +31,12 @@ class ArrayLayout:
     def append_dim(self) -> str | None:
         return self.dims[0] if self.dims and self.dims[0] in APPEND_DIMS else None
 
+    @property
+    def per_sample(self) -> bool:
+        """True for arrays with one row per recorded sample (``taylor_round, sample, ...``):
+        under multi-process recording each process writes its own block of that axis."""
+        return len(self.dims) > 1 and self.dims[0] == TAYLOR and self.dims[1] == "sample"
+
     def shape(self, length: int | None = None) -> tuple[int, ...]:
         if self.append_dim is None:
             return self.tail

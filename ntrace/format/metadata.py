@@ -15,9 +15,9 @@ from typing import Any
 
 from ntrace.errors import InvalidTraceError, UnsupportedVersionError
 
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1
+FORMAT_MINOR = 2
 ATTR_KEY = "ntrace"
 
 LOSS_IDS = ("mse", "cross_entropy", "bce_with_logits", "nll")
@@ -139,7 +139,10 @@ class Sampling:
     ``taylor_every``: Taylor data every k-th round (rounds n with n % k == taylor_offset);
     ``samples_per_round``: the first s samples of each such minibatch; ``neurons``: ``"all"`` or
     the size of a seeded per-layer sample of tracked neurons; ``probe_every``: rounds between
-    activation-configuration snapshots of the probe set; ``probe_size``: points in it.
+    activation-configuration snapshots of the probe set; ``probe_size``: points in it;
+    ``world_size`` (1.2): how many processes recorded the trace together (torch.distributed),
+    each contributing the first ``samples_per_round / world_size`` samples of its own
+    minibatch, process ``r`` at sample positions ``[r S/W, (r+1) S/W)``.
     """
 
     taylor_every: int = 10
@@ -150,6 +153,7 @@ class Sampling:
     neuron_seed: int = 0
     probe_every: int = 0
     probe_size: int = 0
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         # re-use the parser so API users get the same messages as trace readers
@@ -165,6 +169,7 @@ class Sampling:
             "neuron_seed": self.neuron_seed,
             "probe_every": self.probe_every,
             "probe_size": self.probe_size,
+            "world_size": self.world_size,
         }
 
     @classmethod
@@ -178,18 +183,23 @@ class Sampling:
         neurons = _req(d, "neurons", where)
         if neurons != "all":
             neurons = parse_int(neurons, f"{where}.neurons", 1)
+        samples = parse_int(_req(d, "samples_per_round", where), f"{where}.samples_per_round", 1)
+        world = parse_int(d.get("world_size", 1), f"{where}.world_size", 1)  # 1.2; absent = 1
+        if samples % world:
+            raise _fail(f"{where}.samples_per_round",
+                        f"must be a multiple of world_size ({world}), found {samples}")
         obj = object.__new__(cls)
         for name, value in (
             ("taylor_every", every),
             ("taylor_offset", offset),
-            ("samples_per_round", parse_int(_req(d, "samples_per_round", where),
-                                            f"{where}.samples_per_round", 1)),
+            ("samples_per_round", samples),
             ("sample_policy", parse_str(_req(d, "sample_policy", where), f"{where}.sample_policy",
                                         SAMPLE_POLICIES)),
             ("neurons", neurons),
             ("neuron_seed", parse_int(_req(d, "neuron_seed", where), f"{where}.neuron_seed", 0)),
             ("probe_every", parse_int(_req(d, "probe_every", where), f"{where}.probe_every", 0)),
             ("probe_size", parse_int(_req(d, "probe_size", where), f"{where}.probe_size", 0)),
+            ("world_size", world),
         ):
             object.__setattr__(obj, name, value)
         return obj

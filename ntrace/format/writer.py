@@ -9,6 +9,13 @@ not bandwidth, is what costs on small rounds. The commit protocol (spec 'Commit 
 rows are written first, then the root attribute ``commit`` is rewritten (one atomic key) to
 count them; readers trust only committed rows. At least every ``commit_seconds`` all staged
 rows are written and committed. ``close`` trims arrays to the committed length.
+
+Several processes may write one trace together (spec 'Multi-process writing'): given a
+:class:`Coordinator`, process ``r`` writes only its block of the ``sample`` axis of the
+per-sample arrays, whose chunks never straddle two processes; process 0 creates the trace,
+writes every other array, resizes arrays and writes every metadata document. Growth of the
+``taylor_round`` axis, commits and closing are collective: every process calls them at the
+same rounds, and a barrier orders process 0's metadata writes against the others' chunks.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import zarr
@@ -59,6 +66,16 @@ def _compressors(kind: str) -> tuple[Any, ...]:
 
 def _fill(dtype: str) -> Any:
     return {"float32": float("nan"), "int64": -1, "uint8": 0}[dtype]
+
+
+class Coordinator(Protocol):
+    """The processes that write one trace together. ``barrier`` returns once every process
+    has called it; ``ntrace.record.distributed`` implements it over ``torch.distributed``."""
+
+    rank: int
+    world_size: int
+
+    def barrier(self) -> None: ...
 
 
 @dataclass
@@ -112,7 +129,9 @@ class TraceWriter:
 
     def __init__(self, root: Any, attrs: TraceAttrs, layers: list[LayerAttrs],
                  tracked: Mapping[str, np.ndarray], probe: ProbeSetup | None,
-                 commit_seconds: float, modules: list[ModuleAttrs] | None = None) -> None:
+                 commit_seconds: float, modules: list[ModuleAttrs] | None = None,
+                 coordinator: Coordinator | None = None) -> None:
+        self._coord = coordinator
         self._root = root
         self._attrs = attrs
         self._layers = {la.name: la for la in layers}
@@ -135,8 +154,18 @@ class TraceWriter:
                tracked: Mapping[str, np.ndarray], probe: ProbeSetup | None = None, *,
                expected_rounds: int | None = None, overwrite: bool = False,
                commit_seconds: float = 1.0,
-               modules: list[ModuleAttrs] | None = None) -> TraceWriter:
-        """Create the store, every group and array, and the first (empty) commit."""
+               modules: list[ModuleAttrs] | None = None,
+               coordinator: Coordinator | None = None) -> TraceWriter:
+        """Create the store, every group and array, and the first (empty) commit.
+
+        With a ``coordinator`` this is process 0's part; the other processes call
+        :meth:`join` once it returned (the caller orders the two)."""
+        world = 1 if coordinator is None else coordinator.world_size
+        if coordinator is not None and coordinator.rank != 0:
+            raise UsageError("only process 0 creates a trace; the others join it")
+        if attrs.sampling.world_size != world:
+            raise UsageError(f"sampling.world_size is {attrs.sampling.world_size} but "
+                             f"{world} process(es) write the trace")
         if tuple(la.name for la in layers) != attrs.layers:
             raise UsageError("layer attributes do not match TraceAttrs.layers")
         if tuple(m.name for m in modules or []) != attrs.modules:
@@ -159,7 +188,7 @@ class TraceWriter:
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise WriterError(f"cannot create trace {p}: {exc.strerror or exc}") from exc
-        self = cls(root, attrs, layers, tracked, probe, commit_seconds, modules)
+        self = cls(root, attrs, layers, tracked, probe, commit_seconds, modules, coordinator)
         rounds = max(int(expected_rounds or 1024), 1)
         taylor = max(rounds // attrs.sampling.taylor_every + 1, 1)
         snaps = 1
@@ -172,6 +201,35 @@ class TraceWriter:
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise WriterError(f"cannot create trace {p}: {exc.strerror or exc}") from exc
+        return self
+
+    @classmethod
+    def join(cls, path: str | os.PathLike[str], coordinator: Coordinator,
+             commit_seconds: float = 1.0) -> TraceWriter:
+        """Open the trace process 0 created, to write this process's block of the per-sample
+        arrays (process ``coordinator.rank`` > 0)."""
+        from ntrace.format.reader import open_trace
+
+        if coordinator.rank == 0:
+            raise UsageError("process 0 creates the trace; only the others join it")
+        try:
+            tr = open_trace(path)
+            root = zarr.open_group(store=zarr.storage.LocalStore(Path(path)), mode="r+",
+                                   zarr_format=3, use_consolidated=False)
+        except OSError as exc:
+            raise WriterError(f"cannot open trace {path}: {exc.strerror or exc}") from exc
+        if tr.attrs.sampling.world_size != coordinator.world_size:
+            raise WriterError(f"trace {path} was created for {tr.attrs.sampling.world_size} "
+                              f"processes, not {coordinator.world_size}")
+        self = cls(root, tr.attrs, list(tr.layers.values()), tr.tracked, None,
+                   commit_seconds, list(tr.modules.values()), coordinator)
+        for path_, lay in tr.layouts.items():
+            self._layouts[path_] = lay
+            if lay.per_sample:
+                self._arrays[path_] = root[path_]
+                self._capacity[path_] = self._arrays[path_].shape[0]
+                self._staged[path_] = []
+                self._written[path_] = 0
         return self
 
     def _publish(self, staging: Path, final: Path) -> None:
@@ -228,13 +286,30 @@ class TraceWriter:
             if append == L.ROUND:
                 first = ROUND_CHUNK
             else:
-                row = int(np.prod(lay.tail)) * np.dtype(lay.dtype).itemsize
+                tail = self._local_tail(lay)  # one process's block of the sample axis
+                row = int(np.prod(tail)) * np.dtype(lay.dtype).itemsize
                 first = max(1, min(MAX_ROWS_PER_CHUNK[append], CHUNK_BYTES // max(row, 1)))
                 first = 1 << (first.bit_length() - 1)  # a power of two
-            chunks = (first, *lay.tail)
+            chunks = (first, *(self._local_tail(lay) if lay.per_sample else lay.tail))
         return dict(name=lay.path, shape=shape, chunks=tuple(max(c, 1) for c in chunks),
                     dtype=lay.dtype, fill_value=_fill(lay.dtype),
                     compressors=_compressors(lay.kind), dimension_names=lay.dims)
+
+    def _local_tail(self, lay: L.ArrayLayout) -> tuple[int, ...]:
+        """The row shape this process writes: its block of the sample axis (spec §6.2)."""
+        world = self._attrs.sampling.world_size
+        if not lay.per_sample or world == 1:
+            return lay.tail
+        return (lay.tail[0] // world, *lay.tail[1:])
+
+    def _owns(self, path: str) -> bool:
+        """Whether this process writes (its block of) ``path``: process 0 writes everything,
+        the others only the per-sample arrays."""
+        return self._coord is None or self._coord.rank == 0 or self._layouts[path].per_sample
+
+    @property
+    def rank(self) -> int:
+        return 0 if self._coord is None else self._coord.rank
 
     # -- appending --------------------------------------------------------------------------
     @property
@@ -277,8 +352,9 @@ class TraceWriter:
         if value is None:
             raise UsageError(f"{path}: required by the layout but not given")
         v = np.asarray(value)
-        if v.shape != lay.tail:
-            raise UsageError(f"{path}: expected shape {lay.tail}, found {v.shape}")
+        tail = self._local_tail(lay)
+        if v.shape != tail:
+            raise UsageError(f"{path}: expected shape {tail}, found {v.shape}")
         kind = {"float32": "f", "int64": "iu", "uint8": "u"}[lay.dtype]
         if v.dtype.kind not in kind:
             raise UsageError(f"{path}: expected dtype {lay.dtype}, found {v.dtype}")
@@ -302,13 +378,43 @@ class TraceWriter:
         arr = self._arrays[path]
         cap = self._capacity[path]
         if index >= cap:
+            if self._coord is not None and self._layouts[path].append_dim == L.TAYLOR:
+                raise WriterError(f"{path}: row {index} is past the capacity {cap} that "
+                                  "process 0 reserved (the processes wrote different rounds)")
             new = max(cap * 2, index + 1)
             arr.resize((new, *arr.shape[1:]))
             self._capacity[path] = new
         return arr
 
+    def _reserve_taylor(self, rows: int) -> None:
+        """Multi-process: make every ``taylor_round`` array hold ``rows`` rows before anyone
+        writes them. Capacity doubles at the same rounds on every process; process 0 resizes
+        (writes the array documents), a barrier follows, the others then reread them."""
+        paths = [p for p, lay in self._layouts.items()
+                 if lay.append_dim == L.TAYLOR and p in self._capacity]
+        cap = min((self._capacity[p] for p in paths), default=rows)
+        if rows <= cap:
+            return
+        new = max(cap * 2, rows)
+        assert self._coord is not None
+        if self._coord.rank == 0:
+            for p in paths:
+                if self._capacity[p] < new:
+                    arr = self._arrays[p]
+                    arr.resize((new, *arr.shape[1:]))
+        self._coord.barrier()
+        for p in paths:
+            if self._coord.rank != 0:
+                self._arrays[p] = self._root[p]  # the document process 0 just wrote
+            self._capacity[p] = new
+
     def _write_round(self, loss: float, taylor: TaylorRound | None,
                      snapshot: Snapshot | None) -> None:
+        if self._coord is not None and taylor is not None:
+            try:
+                self._reserve_taylor(self._counts[L.TAYLOR] + 1)
+            except OSError as exc:
+                raise WriterError(f"growing the trace failed: {exc.strerror or exc}") from exc
         rows: dict[str, Any] = {"loss": loss}
         if taylor is not None:
             rows.update({
@@ -329,12 +435,13 @@ class TraceWriter:
             rows["probe/round_index"] = snapshot.round_index
             rows["probe/config"] = snapshot.config
         for path, value in rows.items():
-            self._staged[path].append(np.asarray(value, dtype=self._layouts[path].dtype))
+            if self._owns(path):
+                self._staged[path].append(np.asarray(value, dtype=self._layouts[path].dtype))
         self._counts[L.ROUND] += 1
         self._counts[L.TAYLOR] += taylor is not None
         self._counts[L.SNAPSHOT] += snapshot is not None
         try:
-            if time.monotonic() - self._last_commit >= self._commit_seconds:
+            if self._coord is None and self.due():  # multi-process commits are collective
                 self.commit()
             else:
                 self._flush(full_chunks_only=True)
@@ -342,9 +449,14 @@ class TraceWriter:
             raise WriterError(f"writing round {self._counts[L.ROUND] - 1} failed: "
                               f"{exc.strerror or exc}") from exc
 
+    def due(self) -> bool:
+        """Whether ``commit_seconds`` have passed since the last commit."""
+        return time.monotonic() - self._last_commit >= self._commit_seconds
+
     def _flush(self, full_chunks_only: bool) -> None:
         """Write staged rows: whole chunks only, or everything (before a commit)."""
         jobs = []
+        world = self._attrs.sampling.world_size
         for path, staged in self._staged.items():
             if not staged:
                 continue
@@ -358,19 +470,31 @@ class TraceWriter:
                     continue
             block = np.stack(staged[: stop - start])
             self._ensure(path, stop - 1)
-            jobs.append(arr.async_array.setitem(slice(start, stop), block))
+            where: Any = slice(start, stop)
+            if world > 1 and self._layouts[path].per_sample:
+                part = block.shape[1]  # this process's block of the sample axis, own chunks
+                where = (where, slice(self.rank * part, (self.rank + 1) * part))
+            jobs.append(arr.async_array.setitem(where, block))
             del staged[: stop - start]
             self._written[path] = stop
         if jobs:
             sync(_gather(jobs))
 
     def commit(self) -> None:
-        """Write every staged row, then make them visible to readers (one atomic write)."""
+        """Write every staged row, then make them visible to readers (one atomic write).
+
+        Multi-process: collective; every process writes its rows, a barrier follows, then
+        process 0 writes the commit, so a commit never counts a row some process still holds."""
         self._flush(full_chunks_only=False)
+        if self._coord is not None:
+            self._coord.barrier()
         c = Commit(rounds=self._counts[L.ROUND], taylor_rounds=self._counts[L.TAYLOR],
                    snapshots=self._counts[L.SNAPSHOT])
         if c != self._attrs.commit:
-            self._set_attrs(replace(self._attrs, commit=c))
+            if self.rank == 0:
+                self._set_attrs(replace(self._attrs, commit=c))
+            else:
+                self._attrs = replace(self._attrs, commit=c)
         self._last_commit = time.monotonic()
 
     def write_checkpoint(self, round_index: int, arrays: Mapping[str, np.ndarray],
@@ -382,6 +506,8 @@ class TraceWriter:
                              f"{self._counts[L.ROUND]} rounds")
         try:
             self.commit()
+            if self.rank != 0:
+                return  # process 0 holds the same model and optimizer state and stores it
             current = self._attrs.checkpoint
             slot = other_slot(None if current is None else current["slot"])
             write_checkpoint(self._root, slot, Checkpoint(round_index, self._attrs.commit,
@@ -433,25 +559,35 @@ class TraceWriter:
         self._attrs = attrs
 
     def close(self, status: str = "complete", reason: str | None = None) -> None:
-        """Commit, trim arrays to their committed length and record the final status."""
+        """Commit, trim arrays to their committed length and record the final status.
+
+        Multi-process: collective; process 0 trims and writes the status after every
+        process's rows are written, and no process returns before it has done so."""
         if self._closed:
             return
         try:
-            self.commit()
-            for path, arr in self._arrays.items():
-                dim = self._layouts[path].append_dim
-                if dim is not None and arr.shape[0] != self._counts[dim]:
-                    arr.resize((self._counts[dim], *arr.shape[1:]))
-            self._set_attrs(replace(self._attrs, status=status, status_reason=reason))
-            # Consolidated metadata (a zarr-python convention other readers may ignore) lets
-            # plain ``xarray.open_datatree`` open a finished trace with one metadata read.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", category=UserWarning)
-                zarr.consolidate_metadata(self._root.store)
+            self._finish(status, reason)
         except OSError as exc:
             raise WriterError(f"closing the trace failed: {exc.strerror or exc}") from exc
         finally:
             self._closed = True
+            if self._coord is not None:
+                self._coord.barrier()
+
+    def _finish(self, status: str, reason: str | None) -> None:
+        self.commit()
+        if self.rank != 0:
+            return
+        for path, arr in self._arrays.items():
+            dim = self._layouts[path].append_dim
+            if dim is not None and arr.shape[0] != self._counts[dim]:
+                arr.resize((self._counts[dim], *arr.shape[1:]))
+        self._set_attrs(replace(self._attrs, status=status, status_reason=reason))
+        # Consolidated metadata (a zarr-python convention other readers may ignore) lets
+        # plain ``xarray.open_datatree`` open a finished trace with one metadata read.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)
+            zarr.consolidate_metadata(self._root.store)
 
 
 async def _gather(jobs: list[Any]) -> list[Any]:

@@ -5,6 +5,11 @@ Training never waits on disk: ``submit`` puts a list of consecutive rounds on a 
 back-pressure keeps memory bounded. Device→host copies are issued non-blocking by the caller
 into pinned memory; the thread waits on the batch's CUDA event before reading them, so the
 training stream is never synchronised on unrecorded rounds.
+
+Under ``torch.distributed`` every process runs one such thread over the same sequence of
+batches. Before writing a batch the threads sum, in one all-reduce, the batch's losses (so
+process 0 writes their mean over processes), which rounds carry Taylor data (they must agree)
+and whether a commit is due on any process; a due commit is then made by all together.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from ntrace.errors import NonFiniteLossError, WriterError
 from ntrace.format.bits import pack
 from ntrace.format.writer import LayerRound, Snapshot, TaylorRound, TraceWriter
+from ntrace.record.distributed import ProcessGroup
 
 
 @dataclass
@@ -72,8 +78,10 @@ class AsyncWriter:
 
     _STOP = object()
 
-    def __init__(self, writer: TraceWriter, max_pending: int = 8) -> None:
+    def __init__(self, writer: TraceWriter, max_pending: int = 8,
+                 group: ProcessGroup | None = None) -> None:
         self.writer = writer
+        self._group = group
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._abort: tuple[int, float] | None = None
@@ -131,15 +139,36 @@ class AsyncWriter:
                     continue
                 if item and item[-1].event is not None:
                     item[-1].event.synchronize()  # recorded after the batch's copies
-                for one in item:
-                    self._write(one)
+                losses, commit = self._agree(item)
+                for one, loss in zip(item, losses, strict=True):
+                    self._write(one, loss)
                     if self._abort is not None:
                         break
+                if commit and self._abort is None:
+                    self.writer.commit()
             except BaseException as exc:  # noqa: BLE001 - reported to the main thread
                 self._error = exc
 
-    def _write(self, item: PendingRound) -> None:
-        loss = float(item.loss)
+    def _agree(self, batch: list[PendingRound]) -> tuple[list[float], bool]:
+        """The batch's round losses and whether to commit after it: this process's own in a
+        single process; under torch.distributed the mean over processes, and a commit when
+        one is due on any process (one all-reduce for the whole batch)."""
+        losses = [float(one.loss) for one in batch]
+        if self._group is None:
+            return losses, False  # the writer commits on its own
+        k, world = len(batch), self._group.world_size
+        taylor = [float(one.taylor is not None) for one in batch]
+        total = self._group.sum(np.array([*losses, *taylor, float(self.writer.due())]))
+        for one, n in zip(batch, total[k:2 * k], strict=True):
+            if 0 < n < world:
+                raise WriterError(
+                    f"round {one.round_index}: only {int(n)} of {world} processes recorded "
+                    "Taylor data (a process's minibatch held fewer than samples_per_round "
+                    "samples); give every process equally large minibatches, e.g. "
+                    "DistributedSampler with drop_last=True")
+        return [float(v) / world for v in total[:k]], bool(total[-1] > 0)
+
+    def _write(self, item: PendingRound, loss: float) -> None:
         if not math.isfinite(loss):
             self._abort = (item.round_index, loss)
             self.writer.close("aborted", f"loss is {loss} at round {item.round_index}")

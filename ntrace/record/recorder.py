@@ -10,6 +10,11 @@
 Round ``n`` is the n-th call of :meth:`Recorder.step`; ``W_n`` are the weights its forward
 used, read before the optimizer updates them. On Taylor rounds the forward hooks keep the
 layer inputs and pre-activations; the Jacobians follow by the backward recursion.
+
+Under ``torch.distributed`` (DDP, ``torchrun``) every process constructs a recorder with the
+same arguments and calls ``step`` on its own minibatch; ``samples_per_round`` counts each
+process's samples, so the trace holds ``world_size × samples_per_round`` per Taylor round
+(:mod:`ntrace.record.distributed`).
 """
 
 from __future__ import annotations
@@ -29,7 +34,13 @@ import torch
 from torch import nn
 
 from ntrace import __version__
-from ntrace.errors import LossMismatchError, NonFiniteLossError, NtraceError, UsageError
+from ntrace.errors import (
+    LossMismatchError,
+    NonFiniteLossError,
+    NtraceError,
+    UsageError,
+    WriterError,
+)
 from ntrace.format.checkpoint import Checkpoint
 from ntrace.format.metadata import (
     CLASS_TARGET_LOSSES,
@@ -50,6 +61,7 @@ from ntrace.record.async_writer import (
     PendingRound,
     PendingTaylor,
 )
+from ntrace.record.distributed import current_group, unwrap
 from ntrace.record.extract import Extractor
 from ntrace.record.losses import per_sample_loss
 from ntrace.record.state import capture, restore
@@ -111,7 +123,11 @@ class Recorder:
     ``rounds_per_epoch`` is known, and at least 64 snapshots over ``expected_rounds``)
     records activation configurations. ``max_pending`` bounds the batches queued for the
     writer thread; ``commit_seconds`` how stale the committed prefix may get. See
-    ``spec/taylor-trace.md`` for what lands on disk.
+    ``spec/taylor-trace.md`` for what lands on disk. Under an initialised torch.distributed
+    process group of several processes, every process records its own samples into one
+    trace (``sampling.samples_per_round`` per process; ``resume`` is not supported there):
+    every process must construct its recorder at the same point. ``distributed=False``
+    records this process alone (e.g. a recorder on rank 0 only).
     """
 
     def __init__(self, model: nn.Module, path: str | os.PathLike[str], *, loss: str = "mse",
@@ -122,7 +138,8 @@ class Recorder:
                  overwrite: bool = False, max_pending: int = 8,
                  commit_seconds: float = 1.0, unsupported: str = "error",
                  max_jacobian_memory: int = DEFAULT_JACOBIAN_MEMORY,
-                 jacobian_mode: str = "auto", resume: bool = False) -> None:
+                 jacobian_mode: str = "auto", resume: bool = False,
+                 distributed: bool = True) -> None:
         if loss not in LOSS_IDS:
             raise UsageError(f"unknown loss {loss!r}; use one of {', '.join(LOSS_IDS)}")
         if not isinstance(model, nn.Module):
@@ -136,6 +153,12 @@ class Recorder:
         self.unsupported = unsupported
         self.max_jacobian_memory = int(max_jacobian_memory)
         self.jacobian_mode = jacobian_mode
+        model = unwrap(model)
+        # None in a single process (or distributed=False): nothing below changes
+        self.group = current_group() if distributed else None
+        if self.group is not None and resume:
+            raise UsageError("resuming is not supported under torch.distributed; record the "
+                             "run again, or resume it in a single process")
         self.model = model
         self.optimizer = optimizer
         self.resumed: Checkpoint | None = None
@@ -150,7 +173,7 @@ class Recorder:
             run = {**attrs.run, **dict(run or {})}
             self.path = Path(path)
         else:
-            self.path = prepare_output(path, overwrite)
+            self.path = self._prepare(path, overwrite)
         self.loss_spec = LossSpec(loss)
         sampling = sampling or Sampling()
         self.probe = None if probe is None else probe.detach()
@@ -184,6 +207,23 @@ class Recorder:
         self._loss_buffer: torch.Tensor | None = None
         self._watcher = Watcher(model)
 
+    def _prepare(self, path: str | os.PathLike[str], overwrite: bool) -> Path:
+        """Check (and clear, with ``overwrite``) the output path: process 0 does it, and every
+        process fails together when it cannot."""
+        if self.group is None:
+            return prepare_output(path, overwrite)
+        error: NtraceError | OSError | None = None
+        if self.group.rank == 0:
+            try:
+                prepare_output(path, overwrite)
+            except (NtraceError, OSError) as exc:
+                error = exc
+        if not self.group.all_agree(error is None):
+            if error is not None:
+                raise error
+            raise UsageError(f"process 0 could not prepare the output {path} (see its message)")
+        return Path(path)
+
     # -- context manager ----------------------------------------------------------------------
     def __enter__(self) -> Recorder:
         return self
@@ -214,7 +254,7 @@ class Recorder:
             self._start(log, loss, output, target)
         assert self._writer is not None
         on_cpu = output.device.type == "cpu"
-        if on_cpu:
+        if on_cpu and self.group is None:  # several processes: the writers check the mean
             value = float(loss.detach())
             if not math.isfinite(value):
                 self.close("aborted", f"loss is {value} at round {n}")
@@ -231,11 +271,11 @@ class Recorder:
                         "the output passed to step() is not the one of the model's latest "
                         "forward: call step(loss, model(x), y) right after that forward")
                 pending.taylor = self._taylor(n, log, output, target, indices)
-        if self.sampling.is_probe_round(n):
-            pending.snapshot = self._snapshot()
+        probe_round = self.sampling.is_probe_round(n)
+        if probe_round and (self.group is None or self.group.rank == 0):
+            pending.snapshot = self._snapshot()  # process 0 writes the probe group
         self._batch.append(pending)
-        if pending.taylor is not None or pending.snapshot is not None or \
-                len(self._batch) >= MAX_BATCHED_ROUNDS:
+        if pending.taylor is not None or probe_round or len(self._batch) >= MAX_BATCHED_ROUNDS:
             self._submit()
         self.round += 1
         self._watcher.capture = self.sampling.is_taylor_round(self.round)
@@ -301,18 +341,53 @@ class Recorder:
                "optimizer": describe_optimizer(self.optimizer),
                "expected_rounds": self.expected_rounds,
                "jacobian_mode": self.jacobian_mode, **self.run_info}
-        attrs = TraceAttrs(loss=self.loss_spec, sampling=self.sampling,
+        sampling = self.sampling
+        if self.group is not None:  # the trace counts the samples of every process
+            world = self.group.world_size
+            sampling = replace(sampling, samples_per_round=sampling.samples_per_round * world,
+                               world_size=world)
+        attrs = TraceAttrs(loss=self.loss_spec, sampling=sampling,
                            layers=tuple(la.name for la in st.layers),
                            output_size=int(output.shape[1]), structure=st.kind,
                            modules=tuple(m.name for m in modules),
                            producer=producer_info(self._device), run=_json_safe(run))
         json.dumps(attrs.to_dict())  # fail here, not in the writer thread, if not JSON
-        writer = TraceWriter.create(self.path, attrs, layer_attrs,
-                                    {k: v.cpu().numpy() for k, v in self.tracked.items()},
-                                    probe_setup, expected_rounds=self.expected_rounds,
-                                    overwrite=True, commit_seconds=self.commit_seconds,
-                                    modules=modules)
-        self._writer = AsyncWriter(writer, self.max_pending)
+        if self.group is not None:
+            writer = self._create_together(attrs, layer_attrs, probe_setup, modules)
+        else:
+            writer = TraceWriter.create(self.path, attrs, layer_attrs,
+                                        {k: v.cpu().numpy() for k, v in self.tracked.items()},
+                                        probe_setup, expected_rounds=self.expected_rounds,
+                                        overwrite=True, commit_seconds=self.commit_seconds,
+                                        modules=modules)
+        self._writer = AsyncWriter(writer, self.max_pending, self.group)
+
+    def _create_together(self, attrs: TraceAttrs, layer_attrs: list[LayerAttrs],
+                         probe_setup: ProbeSetup | None,
+                         modules: list[ModuleAttrs]) -> TraceWriter:
+        """Process 0 creates the trace (staged, renamed into place); once every process knows
+        it exists, the others open it. A failure on process 0 fails every process."""
+        group = self.group
+        assert group is not None
+        writer: TraceWriter | None = None
+        error: NtraceError | None = None
+        if group.rank == 0:
+            try:
+                writer = TraceWriter.create(
+                    self.path, attrs, layer_attrs,
+                    {k: v.cpu().numpy() for k, v in self.tracked.items()}, probe_setup,
+                    expected_rounds=self.expected_rounds, overwrite=True,
+                    commit_seconds=self.commit_seconds, modules=modules, coordinator=group)
+            except NtraceError as exc:
+                error = exc
+        if not group.all_agree(error is None):
+            if error is not None:
+                raise error
+            raise WriterError(f"process 0 could not create the trace {self.path} (see its "
+                              "message)")
+        if writer is None:
+            writer = TraceWriter.join(self.path, group, self.commit_seconds)
+        return writer
 
     def _continue(self, st: Structure) -> None:
         """Resume: the model must have the trace's layers; append to the reopened writer."""

@@ -12,6 +12,12 @@ The script runs in this process under global PyTorch hooks:
 - each optimizer step (a global pre-step hook) calls :meth:`Recorder.step` before the update.
 The probe set is the first batch's inputs. Anything that cannot be identified stops the run
 with a message that says what and points to the Python API.
+
+Under ``torchrun`` every process runs ``ntrace record`` around its copy of the script
+(``torchrun --nproc_per_node 2 "$(which ntrace)" record --out run.zarr -- python train.py``);
+the recorders find the process group the script initialised and write one trace together.
+Since they coordinate through it, a script's ``dist.destroy_process_group()`` first closes
+the trace (status ``complete``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from torch import nn
 
 from ntrace.errors import UnsupportedModelError, UsageError
 from ntrace.format.metadata import Sampling
+from ntrace.record.distributed import unwrap as _unwrap
 from ntrace.record.recorder import Recorder
 
 LOSS_FUNCTIONS = {"mse_loss": "mse", "cross_entropy": "cross_entropy",
@@ -61,14 +68,6 @@ class WrapResult:
     rounds: int
     path: str
     exit_code: int
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    wrapped = getattr(module, "module", None)
-    if isinstance(wrapped, nn.Module) and type(module).__name__ in (
-            "DistributedDataParallel", "DataParallel"):
-        return wrapped
-    return module
 
 
 class Session:
@@ -138,6 +137,12 @@ class Session:
         self.rounds += 1
         self.loss = None
 
+    def before_destroy(self) -> None:
+        """The script tears its process group down: close the trace while the processes
+        can still coordinate."""
+        if self.recorder is not None and self.recorder.group is not None:
+            self.recorder.close()
+
     # -- attaching ----------------------------------------------------------------------------
     def _attach(self, model: nn.Module, opt: torch.optim.Optimizer, args: Any) -> None:
         self.model, self.optimizer = model, opt
@@ -166,6 +171,15 @@ def _installed(session: Session) -> Iterator[None]:
         session.on_optimizer(self)
 
     originals: dict[str, Callable[..., Any]] = {}
+    dist = torch.distributed
+    original_destroy = getattr(dist, "destroy_process_group", None)
+
+    def destroy(*a: Any, **k: Any) -> Any:
+        group = a[0] if a else k.get("group")
+        if group is None or group is dist.group.WORLD:  # every group goes with the default
+            session.before_destroy()
+        assert original_destroy is not None
+        return original_destroy(*a, **k)
 
     def patch(fname: str, loss_id: str) -> Callable[..., Any]:
         fn = getattr(F, fname)
@@ -186,10 +200,14 @@ def _installed(session: Session) -> Iterator[None]:
     torch.optim.Optimizer.__init__ = init  # type: ignore[method-assign]
     for fname, loss_id in LOSS_FUNCTIONS.items():
         setattr(F, fname, patch(fname, loss_id))
+    if original_destroy is not None:
+        dist.destroy_process_group = destroy
     try:
         yield
     finally:
         torch.optim.Optimizer.__init__ = original_init  # type: ignore[method-assign]
+        if original_destroy is not None:
+            dist.destroy_process_group = original_destroy
         for fname, fn in originals.items():
             setattr(F, fname, fn)
         for h in handles:

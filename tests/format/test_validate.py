@@ -49,6 +49,8 @@ REASON = {
     "schema-violation": "loss.id: expected one of mse, cross_entropy, bce_with_logits, nll, "
                         "found 'hinge'",
     "negative-taylor-every": "sampling.taylor_every: expected an integer >= 1, found -3",
+    "world-size-indivisible": "sampling.samples_per_round: must be a multiple of world_size "
+                              "(3), found 2",
     "group-attributes-missing": "taylor group: no 'ntrace' attribute",
     "mask-disagrees": "layers/fc1/mask: 1 states in Taylor round 0 disagree with W x + b > 0",
     "sample-loss-tampered": "taylor/sample_loss: Taylor round 1 disagrees with the mse loss",
@@ -68,7 +70,8 @@ REASON = {
 # open_trace checks metadata only: it must refuse these, and open the rest
 STRUCTURAL = {"missing-array", "wrong-dims", "wrong-dtype", "inconsistent-length",
               "extra-rows-complete", "packed-length-mismatch", "unknown-major-version",
-              "schema-violation", "negative-taylor-every", "group-attributes-missing",
+              "schema-violation", "negative-taylor-every", "world-size-indivisible",
+              "group-attributes-missing",
               "corrupt-json",
               "probe-size-mismatch"}
 
