@@ -11,7 +11,9 @@ along units (``probe/config``, LSB first, zero pad bits). Three measures:
     0/1 matrix after subtracting each column's time average, each σ_i floored at
     ``floor`` (a unit that never switches scores rank × log floor).
 (a) and (b) never unpack; (c) unpacks a block of units at a time. Memory stays bounded by
-``block_bytes`` whatever the number of snapshots.
+``block_bytes`` whatever the number of snapshots. Each measure can also be computed in
+``part``s (row blocks of (a), snapshot ranges of (b), unit blocks of (c)) that combine
+exactly into the whole: the Dask path (:mod:`ntrace.analyze.cluster`) runs them as tasks.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from ntrace.errors import UsageError
+from ntrace.format.reader import Trace
 
 Reader = Callable[[int, int], np.ndarray]
 """``read(k0, k1)`` → packed configurations of snapshots [k0, k1): (b, probe, unit_byte)."""
@@ -66,56 +69,83 @@ def _pairwise(a: np.ndarray, b: np.ndarray, chunk: int) -> np.ndarray:
     return out
 
 
-def min_previous_distance(read: Reader, snapshots: int, block_bytes: int = 32 << 20
-                          ) -> np.ndarray:
-    """(a): ``min_{k<n} ‖A_n − A_k‖²_F`` for every snapshot n (−1 for n = 0)."""
+def distance_rows(words: int, snapshots: int, block_bytes: int) -> int:
+    """Snapshots per row block of :func:`min_previous_distance` for configurations of
+    ``words`` 64-bit words; parts of the pass must start at multiples of it."""
+    chunk = max(1, min(words, (block_bytes // 8) // 64))
+    return max(1, min(snapshots, int(math.sqrt(block_bytes / (8 * min(words, chunk))))))
+
+
+def min_previous_distance(read: Reader, snapshots: int, block_bytes: int = 32 << 20,
+                          part: tuple[int, int] | None = None) -> np.ndarray:
+    """(a): ``min_{k<n} ‖A_n − A_k‖²_F`` for every snapshot n (−1 for n = 0).
+
+    With ``part = (n0, n1)`` only snapshots [n0, n1) are computed and returned (n0 a multiple
+    of :func:`distance_rows`); the parts of a split pass give exactly the whole pass."""
     _check(snapshots, block_bytes)
-    out = np.full(snapshots, -1, dtype=np.int64)
-    if snapshots < 2:
+    n_lo, n_hi = part if part is not None else (0, snapshots)
+    out = np.full(n_hi - n_lo, -1, dtype=np.int64)
+    if snapshots < 2 or n_hi <= n_lo:
         return out
     first = to_words(read(0, 1)).reshape(1, -1)
     W = first.shape[1]
     chunk = max(1, min(W, (block_bytes // 8) // 64))
-    rows = max(1, min(snapshots, int(math.sqrt(block_bytes / (8 * min(W, chunk))))))
-    cache: list[tuple[int, np.ndarray]] = []
+    rows = distance_rows(W, snapshots, block_bytes)
+    if n_lo % rows or not 0 <= n_lo < n_hi <= snapshots:
+        raise UsageError(f"part ({n_lo}, {n_hi}) of the distance pass must start at a multiple "
+                         f"of {rows} snapshots and lie within [0, {snapshots}]")
+    cache: dict[int, np.ndarray] = {}
     cached = 0
-    for n0 in range(0, snapshots, rows):
-        n1 = min(n0 + rows, snapshots)
+
+    def keep(start: int, blk: np.ndarray) -> None:
+        nonlocal cached
+        if start not in cache and cached + blk.nbytes <= 4 * block_bytes:
+            cache[start] = blk
+            cached += blk.nbytes
+
+    for n0 in range(n_lo, n_hi, rows):
+        n1 = min(n0 + rows, n_hi)
         cur = to_words(read(n0, n1)).reshape(n1 - n0, -1)
         best = np.full(n1 - n0, np.iinfo(np.int64).max)
         for k0 in range(0, n0, rows):
-            hit = next((blk for start, blk in cache if start == k0), None)
-            prev = hit if hit is not None else to_words(read(k0, min(k0 + rows, n0))
-                                                        ).reshape(-1, W)
+            prev = cache.get(k0)
+            if prev is None:
+                prev = to_words(read(k0, min(k0 + rows, n0))).reshape(-1, W)
+                keep(k0, prev)
             best = np.minimum(best, _pairwise(cur, prev, chunk).min(1))
         d = _pairwise(cur, cur, chunk)
         d[np.triu_indices(n1 - n0)] = np.iinfo(np.int64).max
         best = np.minimum(best, d.min(1))
-        out[n0:n1] = best
-        if cached + cur.nbytes <= 4 * block_bytes:
-            cache.append((n0, cur))
-            cached += cur.nbytes
-    out[0] = -1
+        out[n0 - n_lo:n1 - n_lo] = best
+        keep(n0, cur)
+    if n_lo == 0:
+        out[0] = -1
     return out
 
 
-def switch_counts(read: Reader, snapshots: int, block_bytes: int = 32 << 20) -> np.ndarray:
-    """(b) numerator: per probe point, state switches between consecutive snapshots."""
+def switch_counts(read: Reader, snapshots: int, block_bytes: int = 32 << 20,
+                  part: tuple[int, int] | None = None) -> np.ndarray:
+    """(b) numerator: per probe point, state switches between consecutive snapshots.
+
+    With ``part = (k0, k1)`` only the switches into snapshots [k0, k1) are counted (snapshot
+    k0 − 1 is read too); the counts of the parts of [0, snapshots) add up to the whole."""
     _check(snapshots, block_bytes)
-    prev = None
-    counts = None
+    k_lo, k_hi = part if part is not None else (0, snapshots)
+    if not 0 <= k_lo <= k_hi <= snapshots:
+        raise UsageError(f"part ({k_lo}, {k_hi}) of the switch count lies outside "
+                         f"[0, {snapshots}]")
     first = read(0, 1)
+    counts = np.zeros(first.shape[1], dtype=np.int64)
+    prev = to_words(read(k_lo - 1, k_lo)) if k_lo > 0 else None
     per = max(1, block_bytes // max(1, first.nbytes * 3))
-    for k0 in range(0, snapshots, per):
-        cur = to_words(read(k0, min(k0 + per, snapshots)))  # (b, q, w)
-        if counts is None:
-            counts = np.zeros(cur.shape[1], dtype=np.int64)
+    for k0 in range(k_lo, k_hi, per):
+        cur = to_words(read(k0, min(k0 + per, k_hi)))  # (b, q, w)
         seq = cur if prev is None else np.concatenate([prev, cur])
         if len(seq) > 1:
             x = np.bitwise_xor(seq[1:], seq[:-1])
             counts += popcount(x).sum(axis=(0, 2), dtype=np.int64)
         prev = cur[-1:]
-    return counts if counts is not None else np.zeros(0, dtype=np.int64)
+    return counts
 
 
 def switch_fraction(read: Reader, snapshots: int, units: int,
@@ -124,6 +154,21 @@ def switch_fraction(read: Reader, snapshots: int, units: int,
     if snapshots < 2:
         raise UsageError("switch fractions need at least 2 snapshots")
     return switch_counts(read, snapshots, block_bytes) / float((snapshots - 1) * units)
+
+
+def probe_readers(trace: Trace, K: int) -> tuple[Callable[[int, int], np.ndarray],
+                                                 Callable[[int, int], np.ndarray]]:
+    """Readers of the packed probe configurations of snapshots [0, K): rows of snapshots
+    ``(k0, k1)``, and all snapshots for the unit bytes ``(b0, b1)``."""
+    arr = trace.zarr_array("probe/config")
+
+    def rows(k0: int, k1: int) -> np.ndarray:
+        return trace.read("probe/config", slice(k0, k1))
+
+    def cols(b0: int, b1: int) -> np.ndarray:
+        return np.asarray(arr[:K, :, b0:b1])
+
+    return rows, cols
 
 
 @dataclass(frozen=True)
@@ -135,27 +180,41 @@ class LogVolume:
     floor: float
 
 
+def log_volume_bytes(snapshots: int, probes: int, units: int, block_bytes: int) -> int:
+    """Unit bytes (8 units each) per block of :func:`log_volume`; parts of the unit axis
+    must start at multiples of it."""
+    per_unit = max(1, snapshots * probes * 8)
+    return max(1, min((units + 7) // 8, block_bytes // (per_unit * 8)))
+
+
 def log_volume(read_units: Callable[[int, int], np.ndarray], snapshots: int, probes: int,
                units: int, rank: int = 50, floor: float = 1e-6,
-               block_bytes: int = 32 << 20, device: str = "cpu") -> LogVolume:
+               block_bytes: int = 32 << 20, device: str = "cpu",
+               part: tuple[int, int] | None = None) -> LogVolume:
     """(c) for every unit. ``read_units(b0, b1)`` returns packed bytes [b0, b1) of the unit
-    axis for all snapshots: (snapshots, probe, b1 − b0)."""
+    axis for all snapshots: (snapshots, probe, b1 − b0). With ``part = (b0, b1)`` (unit
+    bytes, b0 a multiple of :func:`log_volume_bytes`) only units [8 b0, min(8 b1, units))
+    are computed, in the same blocks as the whole pass."""
     _check(snapshots, block_bytes)
     if rank < 1 or not floor > 0 or units < 1 or probes < 1:
         raise UsageError(f"log_volume needs rank >= 1, floor > 0 and at least one unit and "
                          f"probe point; found rank {rank}, floor {floor}, {units} units, "
                          f"{probes} probe points")
-    per_unit = max(1, snapshots * probes * 8)
-    nbytes = max(1, min((units + 7) // 8, block_bytes // (per_unit * 8)))
+    nbytes = log_volume_bytes(snapshots, probes, units, block_bytes)
+    total = (units + 7) // 8
+    lo, hi = part if part is not None else (0, total)
+    if lo % nbytes or not 0 <= lo <= hi <= total:
+        raise UsageError(f"part ({lo}, {hi}) of the unit bytes must start at a multiple of "
+                         f"{nbytes} and lie within [0, {total}]")
     r = min(rank, snapshots, probes)
-    out = np.empty(units)
+    out = np.empty(max(0, min(8 * hi, units) - 8 * lo))
     dev = torch.device(device)
-    for b0 in range(0, (units + 7) // 8, nbytes):
-        b1 = min(b0 + nbytes, (units + 7) // 8)
+    for b0 in range(lo, hi, nbytes):
+        b1 = min(b0 + nbytes, hi)
         raw = np.unpackbits(read_units(b0, b1), axis=-1, bitorder="little")
         u0, u1 = 8 * b0, min(8 * b1, units)
         A = torch.from_numpy(np.ascontiguousarray(np.moveaxis(raw[..., :u1 - u0], -1, 0)))
-        out[u0:u1] = _logvol(A.to(dev, torch.float64), r, floor).cpu().numpy()
+        out[u0 - 8 * lo:u1 - 8 * lo] = _logvol(A.to(dev, torch.float64), r, floor).cpu().numpy()
     return LogVolume(out, r, floor)
 
 

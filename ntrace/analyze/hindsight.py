@@ -175,10 +175,13 @@ def _family(units: int, dim: int, dom: Domain, n_cp: int) -> Family:
     return fam
 
 
-def hindsight(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions) -> Hindsight:
-    """Solve every requested family at every checkpoint of ``plan``."""
+def hindsight(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions,
+              source: TaylorSource | None = None) -> Hindsight:
+    """Solve every requested family at every checkpoint of ``plan``. ``source`` reads the
+    rounds (default: a :class:`TaylorSource` of the plan's layers); a part of a larger plan
+    passes one that cuts the blocks of the whole (:mod:`ntrace.analyze.cluster`)."""
     device = torch.device(opts.device)
-    src = TaylorSource(trace, plan.layers, device, opts.block_bytes)
+    src = source or TaylorSource(trace, plan.layers, device, opts.block_bytes)
     T = plan.taylor_rounds
     cps = plan.checkpoints
     opts.progress("iterates", 0, T)

@@ -58,6 +58,8 @@ class AnalysisOptions:
     confidence: float = 0.95
     svd_rank: int = 50
     sv_floor: float = 1e-6
+    scheduler: str | None = None
+    workers: int | None = None
     progress: Progress = field(default=_no_progress, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -96,8 +98,25 @@ class AnalysisOptions:
             raise UsageError(f"confidence must lie in (0, 1), found {self.confidence}")
         if self.svd_rank < 1 or not self.sv_floor > 0:
             raise UsageError("svd_rank must be >= 1 and sv_floor > 0")
+        if self.scheduler is not None and self.workers is not None:
+            raise UsageError("a scheduler address and a worker count are mutually exclusive: "
+                             "--scheduler uses a running cluster, --workers starts a local one")
+        if self.scheduler is not None and (not isinstance(self.scheduler, str)
+                                           or not self.scheduler.strip()):
+            raise UsageError(f"scheduler must be an address such as tcp://host:8786, found "
+                             f"{self.scheduler!r}")
+        if self.workers is not None and (isinstance(self.workers, bool)
+                                         or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise UsageError(f"workers must be a positive number of processes, found "
+                             f"{self.workers!r}")
         if self.block_bytes < 1 << 16:
             raise UsageError(f"block_bytes must be at least 65536, found {self.block_bytes}")
+
+    @property
+    def distributed(self) -> bool:
+        """True when the analysis runs on a Dask cluster."""
+        return self.scheduler is not None or self.workers is not None
 
     def dim_limit(self) -> int:
         """The effective ``max_dim``."""

@@ -68,6 +68,8 @@ def solve_quadratic(q: Quadratic, dom: Domain, tol: float, max_iter: int,
     """Minimise each quadratic over its set, to a certified gap ≤ ``tol`` when reachable."""
     if dom.kind != "box":
         keep = torch.diagonal(q.A, dim1=1, dim2=2).gt(0).any(0)
+        if not bool(keep.any()):
+            return constant(q, dom)
         if not bool(keep.all()):
             return _reduced(q, dom, keep, tol, max_iter, x0, lam0)
     if dom.kind == "none":
@@ -91,6 +93,18 @@ def solve_quadratic(q: Quadratic, dom: Domain, tol: float, max_iter: int,
     start = dom.start() if x0 is None else dom.project(x0)
     L = lipschitz(q.A / metric.sqrt().unsqueeze(1) / metric.sqrt().unsqueeze(2))
     return fista(q, dom, start, tol, max_iter, lipschitz=L, metric=metric, backtrack=True)
+
+
+def constant(q: Quadratic, dom: Domain) -> Solution:
+    """A batch with zero curvature everywhere (neurons whose Jacobian columns were always 0:
+    A = 0 forces b = 0, so every quadratic is its constant c): each optimum is c, at the
+    centre of the ball (0 unconstrained), with gap 0."""
+    x = dom.center.clone() if dom.center is not None else torch.zeros_like(q.b)
+    n = q.c.shape[0]
+    return Solution(x, q.c.clone(), torch.zeros_like(q.c),
+                    torch.zeros(n, dtype=torch.int64, device=q.c.device),
+                    torch.full((n,), CONVERGED, dtype=torch.int8, device=q.c.device),
+                    torch.full_like(q.c, math.nan))
 
 
 def _reduced(q: Quadratic, dom: Domain, keep: torch.Tensor, tol: float, max_iter: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -55,14 +56,16 @@ def _checkpoints(text: str) -> int | tuple[int, ...]:
 
 def _options(domain: str, checkpoints: str, tol: float, max_iter: int, scale: str | None,
              layer: Sequence[str], neuron: Sequence[int], device: str, max_dim: int | None,
-             max_memory: int, dynamic: bool, exploration: bool, progress: Any) -> Any:
+             max_memory: int, dynamic: bool, exploration: bool, progress: Any,
+             scheduler: str | None = None, workers: int | None = None) -> Any:
     from ntrace.analyze import AnalysisOptions, parse_scales
 
     return AnalysisOptions(domain=domain, checkpoints=_checkpoints(checkpoints), tol=tol,
                            max_iter=max_iter, scales=parse_scales(scale),
                            layers=tuple(layer) or None, neurons=tuple(neuron) or None,
                            device=device, max_dim=max_dim, max_memory=max_memory * 2**20,
-                           dynamic=dynamic, exploration=exploration, progress=progress)
+                           dynamic=dynamic, exploration=exploration, progress=progress,
+                           scheduler=scheduler, workers=workers)
 
 
 class _Bars:
@@ -195,6 +198,11 @@ _common = [
     click.option("--dynamic", is_flag=True,
                  help="also solve each round's own best response (DYNAMIC regret, neurons)"),
     click.option("--no-exploration", is_flag=True, help="skip the exploration measures"),
+    click.option("--scheduler", default=None, metavar="ADDRESS",
+                 help="run the solves as Dask tasks on this distributed scheduler (e.g. "
+                      "tcp://host:8786); its workers must read the trace path or URL"),
+    click.option("--workers", type=int, default=None,
+                 help="run the solves as Dask tasks on a local cluster of N processes"),
     click.option("--no-figures", is_flag=True, help="write results only, no figures"),
     click.option("--quiet", "-q", is_flag=True, help="no summary table"),
 ]
@@ -218,10 +226,12 @@ def _with_common(fn: F) -> F:
 def analyze(trace: str, out: str | None, layer: tuple[str, ...], neuron: tuple[int, ...],
             domain: str, checkpoints: str, tol: float, max_iter: int, scale: str | None,
             device: str, max_dim: int | None, max_memory: int, dynamic: bool,
-            no_exploration: bool, no_figures: bool, quiet: bool) -> None:
+            no_exploration: bool, scheduler: str | None, workers: int | None,
+            no_figures: bool, quiet: bool) -> None:
     """Hindsight Taylor optima, regret and exploration of TRACE.
 
-    Writes OUT/results.zarr (an xarray Dataset) and OUT/figures/*.png|svg.
+    Writes OUT/results.zarr (an xarray Dataset) and OUT/figures/*.png|svg. With --scheduler
+    or --workers the solves and exploration kernels run as Dask tasks (same results).
     """
     from ntrace.analyze import analyze_trace
 
@@ -232,7 +242,8 @@ def analyze(trace: str, out: str | None, layer: tuple[str, ...], neuron: tuple[i
                                          .removesuffix(".zarr") + ".analysis")
     with _Bars(console) as bars:
         opts = _options(domain, checkpoints, tol, max_iter, scale, layer, neuron, device,
-                        max_dim, max_memory, dynamic, not no_exploration, bars)
+                        max_dim, max_memory, dynamic, not no_exploration, bars, scheduler,
+                        workers)
         _prepare(out_dir, trace)
         ds = analyze_trace(trace, opts, out=out_dir / "results.zarr")
     figs: list[Path] = []
@@ -284,9 +295,11 @@ def _label(ds: Any, path: str) -> str:
 def compare(inputs: tuple[str, ...], out: str, label: tuple[str, ...], domain: str,
             checkpoints: str, tol: float, max_iter: int, scale: str | None, device: str,
             max_dim: int | None, max_memory: int, dynamic: bool, no_exploration: bool,
-            no_figures: bool, quiet: bool) -> None:
+            scheduler: str | None, workers: int | None, no_figures: bool,
+            quiet: bool) -> None:
     """Analyse several traces (e.g. SGD, RMSProp, Adam) and overlay them in one set of
-    figures. An input that is already a results store is reused as it is."""
+    figures. An input that is already a results store is reused as it is. With --scheduler
+    or --workers every trace is analysed on one Dask cluster."""
     from ntrace.analyze import analyze_trace, is_results_store, open_results
     from ntrace.errors import UsageError
 
@@ -301,17 +314,29 @@ def compare(inputs: tuple[str, ...], out: str, label: tuple[str, ...], domain: s
         _plot()
     out_dir = Path(out)
     _prepare(out_dir, *inputs)
+
+    def options(bars: Any) -> Any:
+        return _options(domain, checkpoints, tol, max_iter, scale, (), (), device, max_dim,
+                        max_memory, dynamic, not no_exploration, bars, scheduler, workers)
+
     results, labels = [], []
-    for k, path in enumerate(inputs):
-        if is_results_store(path):
-            ds = open_results(path)
-        else:
-            with _Bars(console, f"[{k + 1}/{len(inputs)}] ") as bars:
-                opts = _options(domain, checkpoints, tol, max_iter, scale, (), (), device,
-                                max_dim, max_memory, dynamic, not no_exploration, bars)
-                ds = analyze_trace(path, opts, out=out_dir / f"results_{k}.zarr")
-        results.append(ds)
-        labels.append(label[k] if label else _label(ds, path))
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if (scheduler is not None or workers is not None) and not all(
+                is_results_store(p) for p in inputs):
+            from ntrace.analyze.cluster import open_cluster
+
+            with _Bars(console) as bars:
+                cluster = stack.enter_context(open_cluster(options(bars)))
+        for k, path in enumerate(inputs):
+            if is_results_store(path):
+                ds = open_results(path)
+            else:
+                with _Bars(console, f"[{k + 1}/{len(inputs)}] ") as bars:
+                    ds = analyze_trace(path, options(bars), out=out_dir / f"results_{k}.zarr",
+                                       cluster=cluster)
+            results.append(ds)
+            labels.append(label[k] if label else _label(ds, path))
     seen: dict[str, int] = {}
     for i, lab in enumerate(labels):  # make labels unique
         seen[lab] = seen.get(lab, 0) + 1

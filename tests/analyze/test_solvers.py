@@ -112,3 +112,23 @@ def test_box_solver_matches_lbfgsb_and_certifies() -> None:
                        options={"ftol": 1e-15, "gtol": 1e-13, "maxiter": 10000})
         assert float(sol.value[k]) - res.fun <= float(sol.gap[k]) + 1e-12
         assert float(sol.value[k]) == pytest.approx(res.fun, abs=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["ball", "none", "box"])
+def test_a_batch_of_dead_neurons_is_its_constant(kind: str) -> None:
+    """A = 0 and b = 0 in every problem (neurons that never fired): each optimum is c with
+    gap 0, over any set (was an IndexError on an empty reduction for ball and none)."""
+    B, D = 3, 5
+    q = Quadratic(torch.zeros(B, D, D, dtype=torch.float64), torch.zeros(B, D, dtype=torch.float64),
+                  torch.tensor([1.0, 2.0, 3.5], dtype=torch.float64))
+    center = torch.randn(B, D, dtype=torch.float64)
+    if kind == "ball":
+        dom = Domain("ball", center=center, radius=torch.ones(B, dtype=torch.float64), batch=B)
+    elif kind == "box":
+        dom = Domain("box", lower=center - 1, upper=center + 1, batch=B)
+    else:
+        dom = Domain("none", batch=B)
+    sol = solve_quadratic(q, dom, TOL, 100)
+    torch.testing.assert_close(sol.value, q.c)
+    assert bool((sol.gap <= TOL).all()) and bool((sol.status == CONVERGED).all())
+    assert torch.isfinite(sol.x).all()
