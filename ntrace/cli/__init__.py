@@ -75,6 +75,9 @@ def _register() -> None:
         return
     main.add_command(analyze)
     main.add_command(compare)
+    from ntrace.cli.reproduce import reproduce
+
+    main.add_command(reproduce)
 
 
 _register()

@@ -85,6 +85,12 @@ def _mnist_images(data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     x, y = datasets.load_mnist(data_dir)
     return x.reshape(len(x), 1, 28, 28), y
 
+
+def _digits_images(_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+    x, y = datasets.load_digits()
+    return x.reshape(len(x), 1, 8, 8), y
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -108,6 +114,10 @@ TASKS: dict[str, Task] = {
              "the paper's convnet shape on MNIST (1x28x28) from --data-dir, cross-entropy",
              _mnist_images, convnet, "cross_entropy", "label", 128, 2, CNN_LR,
              sampling=CNN_SAMPLING, probe_size=100, needs_data_dir=True),
+        Task("digits-convnet",
+             "the paper's convnet shape on scikit-learn's bundled 8x8 digits (1x8x8), "
+             "cross-entropy; no download", _digits_images, convnet, "cross_entropy", "label",
+             128, 20, CNN_LR, sampling=CNN_SAMPLING, probe_size=100),
     )
 }
 

@@ -25,7 +25,8 @@ from ntrace.format.summary import summarize
 from ntrace.format.validate import validate_trace
 
 ARCHIVES = Path(__file__).resolve().parents[1] / "data" / "archives"
-RELEASED = ["1.0", "1.1", "1.2"]  # every released format version; add one (and its archive) per release
+# every released format version; add one (and its archive) per release
+RELEASED = ["1.0", "1.1", "1.2"]
 NEWER_MAJOR = (f"needs a newer ntrace (this is {__version__}, which reads format "
                f"{FORMAT_MAJOR}.x): pip install -U ntrace")
 

@@ -1,0 +1,77 @@
+"""``ntrace reproduce``: the paper's experiments, analysed and judged in a report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ntrace.cli.analyze import _one_line
+
+
+@click.command()
+@click.option("--out", "-o", type=click.Path(), default="repro", show_default=True,
+              help="output directory (rerunning into it skips finished runs)")
+@click.option("--scale", type=click.Choice(["small", "paper", "tiny"]), default="small",
+              show_default=True,
+              help="small: offline data, < 30 min on 2 CPU cores; paper: full data sets and "
+                   "epochs (GPU); tiny: a one-minute smoke test")
+@click.option("--data-dir", type=click.Path(), default=None,
+              help="folder with MNIST and/or CIFAR-10 files, or with mnist/ and cifar10/ "
+                   "subfolders [default: the bundled 8x8 digits]")
+@click.option("--seeds", type=int, default=1, show_default=True,
+              help="seeds per task and optimizer at the chosen learning rate (bands over seeds)")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--optimizers", default="sgd,rmsprop,adam", show_default=True,
+              help="comma-separated subset (must include sgd)")
+@click.option("--no-figures", is_flag=True, help="report without figures")
+@_one_line
+def reproduce(out: str, scale: str, data_dir: str | None, seeds: int, device: str,
+              optimizers: str, no_figures: bool) -> None:
+    """Reproduce Sec. 2.4 and 3.3 of Balduzzi et al. (ICML 2017): the autoencoder and the
+    convnet trained with SGD, RMSProp and Adam (learning rates from a recorded sweep),
+    traced, analysed, and each claim of the paper judged in OUT/report.md and report.html."""
+    from ntrace.reproduce import make_plan
+    from ntrace.reproduce import reproduce as run
+    from ntrace.tasks.runner import resolve_device
+
+    resolve_device(device)
+    plan = make_plan(scale, data_dir, seeds, device,
+                     tuple(o.strip() for o in optimizers.split(",") if o.strip()))
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True,
+                  disable=not console.is_terminal) as bar:
+        jobs = bar.add_task("reproduce", total=None)
+        inner = bar.add_task("", total=None, visible=False)
+        last = {"label": ""}
+
+        def on_progress(stage: str, label: str, done: int, total: int) -> None:
+            if stage == "jobs":
+                bar.update(jobs, description=label, completed=done, total=total)
+                bar.update(inner, visible=False)
+                if not console.is_terminal and label != last["label"]:
+                    console.print(f"[{done}/{total}] {label}", highlight=False)
+                last["label"] = label
+            else:
+                bar.update(inner, description=f"  {label}", completed=done, total=total,
+                           visible=True)
+
+        rep = run(out, plan, on_progress, figures=not no_figures)
+    _print(Console(), rep)
+    console.print(f"report: {rep.files[0]} and {rep.files[1]} ({rep.seconds / 60:.1f} min; "
+                  f"{rep.skipped} runs reused)")
+
+
+def _print(console: Console, rep: Any) -> None:
+    colors = {"supported": "green", "not supported": "red", "inconclusive": "yellow"}
+    t = Table(title="claims", title_justify="left")
+    for col in ("#", "claim", "on", "verdict"):
+        t.add_column(col, overflow="fold")
+    for i, v in enumerate(rep.verdicts, 1):
+        t.add_row(str(i), v.statement, v.scope, f"[{colors[v.verdict]}]{v.verdict}[/]")
+    console.print(t)
