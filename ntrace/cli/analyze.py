@@ -286,7 +286,7 @@ def _label(ds: Any, path: str) -> str:
     return str(opt) if opt else Path(path).name.removesuffix(".zarr")
 
 
-@click.command()
+@click.command(short_help="Analyse several traces and overlay them (optimizer comparison).")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", type=click.Path(), required=True, help="output directory")
 @click.option("--label", multiple=True, help="legend label of each input, in order")

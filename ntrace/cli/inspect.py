@@ -9,7 +9,7 @@ from rich.table import Table
 from ntrace.cli import fail_with_reasons, handle_errors
 
 
-@click.command()
+@click.command(short_help="Summarise a trace: format, run, layers, arrays and bytes.")
 @click.argument("trace", type=click.Path())
 @handle_errors
 def info(trace: str) -> None:
@@ -42,7 +42,7 @@ def info(trace: str) -> None:
                   "bits each")
 
 
-@click.command()
+@click.command(short_help="Check that a trace conforms to the format spec.")
 @click.argument("trace", type=click.Path())
 @click.option("--quick", is_flag=True, help="check metadata and structure only, not the data")
 @handle_errors

@@ -32,7 +32,7 @@ def _human(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-@click.command()
+@click.command(short_help="Train a task (or run a script) and record its Taylor trace.")
 @click.option("--task", default=None,
               help="built-in task [default: digits-autoencoder]; not with a command")
 @click.option("--out", "out", default=None, help="trace path [default: TASK-OPTIMIZER.zarr]")

@@ -12,7 +12,7 @@ from rich.table import Table
 from ntrace.cli.analyze import _one_line
 
 
-@click.command()
+@click.command(short_help="Reproduce the paper and judge its claims in a report.")
 @click.option("--out", "-o", type=click.Path(), default="repro", show_default=True,
               help="output directory (rerunning into it skips finished runs)")
 @click.option("--scale", type=click.Choice(["small", "paper", "tiny"]), default="small",

@@ -8,7 +8,7 @@ from rich.console import Console
 from ntrace.cli import fail_with_reasons, handle_errors
 
 
-@click.command()
+@click.command(short_help="Pack a trace into one checksummed .zip file.")
 @click.argument("trace")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, help="replace OUT if it is a trace packed by ntrace")
@@ -40,7 +40,7 @@ def pack(trace: str, out: str, overwrite: bool, deep: bool) -> None:
                    f"{', '.join(result.skipped[:3])}{more}", err=True)
 
 
-@click.command()
+@click.command(short_help="Check every checksum of a packed trace.")
 @click.argument("archive", type=click.Path())
 @handle_errors
 def verify(archive: str) -> None:
