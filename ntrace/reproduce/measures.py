@@ -119,9 +119,32 @@ def exploration(ds: Any) -> dict[str, float]:
     """The three exploration measures of Sec. 3.3 (empty without probe snapshots)."""
     if "min_distance" not in ds:
         return {}
-    frac = ds.min_distance_fraction.values[1:]
+    return summarize_exploration(ds.min_distance_fraction.values, ds.switch_fraction.values,
+                                 ds.log_volume.values)
+
+
+def summarize_exploration(min_distance_fraction: np.ndarray, switch_fraction: np.ndarray,
+                          log_volume: np.ndarray) -> dict[str, float]:
+    """Mean distance to the nearest earlier configuration (fraction of bits, snapshots after
+    the first), mean switch fraction over probe points, median log-volume over units."""
+    frac = np.asarray(min_distance_fraction, dtype=np.float64)[1:]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         md = float(np.nanmean(frac)) if frac.size else math.nan
-    return {"min_distance": md, "switch": float(np.mean(ds.switch_fraction.values)),
-            "log_volume": float(np.median(ds.log_volume.values))}
+    return {"min_distance": md, "switch": float(np.mean(switch_fraction)),
+            "log_volume": float(np.median(log_volume))}
+
+
+def trace_exploration(trace_path: Any) -> dict[str, float]:
+    """The same three measures straight from a trace's probe snapshots (no optima solved),
+    for the short sweep runs; empty without at least two snapshots."""
+    from ntrace.analyze.options import AnalysisOptions
+    from ntrace.analyze.run import explore
+    from ntrace.format.reader import open_trace
+
+    with open_trace(trace_path) as tr:
+        e = explore(tr, AnalysisOptions())
+    if e is None:
+        return {}
+    frac = np.where(e.min_distance >= 0, e.min_distance / max(e.bits, 1), np.nan)
+    return summarize_exploration(frac, e.switch_fraction, e.log_volume.value)

@@ -34,7 +34,8 @@ RoundProgress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: a sweep run (short, cheap sampling, no probe) or a traced run."""
+    """One training run: a sweep run (short, loss-only sampling, a probe for the exploration
+    measures) or a traced run."""
 
     role: str  # "sweep" | "traced"
     task: str
@@ -70,6 +71,7 @@ class RunRecord:
     seconds: float
     skipped: bool
     diverged: bool = False
+    exploration: dict[str, float] | None = None  # sweep runs: the three measures, if probed
 
     @property
     def trace(self) -> Path:
@@ -80,10 +82,18 @@ class RunRecord:
         return self.path / "results.zarr"
 
 
+SWEEP_SNAPSHOTS = 10
+"""Probe snapshots of a sweep run: enough for the exploration measures of short runs, which
+show how the optimizers' exploration depends on the learning rate."""
+
+
 def sweep_spec(plan: Plan, exp: Experiment, optimizer: str, lr: float) -> RunSpec:
-    """A sweep run records only the loss (one Taylor round at the start, no probe)."""
+    """A sweep run records the loss (one Taylor round at the start) and the experiment's
+    probe about ``SWEEP_SNAPSHOTS`` times."""
+    every = max(1, exp.sweep_steps // SWEEP_SNAPSHOTS)
     return RunSpec("sweep", exp.task, optimizer, lr, plan.sweep_seed, exp.sweep_steps,
-                   exp.sweep_steps + 1, 1, 1, 0, 1, exp.data_dir, plan.device)
+                   exp.sweep_steps + 1, 1, 1, exp.probe_size, every, exp.data_dir,
+                   plan.device)
 
 
 def traced_spec(plan: Plan, exp: Experiment, optimizer: str, lr: float, seed: int) -> RunSpec:
@@ -139,7 +149,8 @@ def ensure_run(spec: RunSpec, path: Path, fraction: float,
     if doc is not None and doc.get("spec") == spec.to_dict() and (
             doc.get("diverged") or _trace_complete(path / "trace.zarr")):
         return RunRecord(spec, path, float(doc["final_loss"]), int(doc["rounds"]),
-                         float(doc["seconds"]), True, bool(doc.get("diverged")))
+                         float(doc["seconds"]), True, bool(doc.get("diverged")),
+                         doc.get("exploration"))
     for stale in (marker, path / ANALYSIS_MARKER):
         stale.unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
@@ -162,9 +173,14 @@ def ensure_run(spec: RunSpec, path: Path, fraction: float,
         losses = t.read("loss")
         rounds = t.rounds
     loss = math.inf if diverged else final_loss(losses, fraction)
+    explored = None
+    if spec.role == "sweep" and spec.probe_size and not diverged:
+        from ntrace.reproduce.measures import trace_exploration
+
+        explored = trace_exploration(path / "trace.zarr") or None
     write_marker(marker, {"spec": spec.to_dict(), "final_loss": loss, "rounds": rounds,
-                          "seconds": seconds, "diverged": diverged})
-    return RunRecord(spec, path, loss, rounds, seconds, False, diverged)
+                          "seconds": seconds, "diverged": diverged, "exploration": explored})
+    return RunRecord(spec, path, loss, rounds, seconds, False, diverged, explored)
 
 
 def analysis_options(a: Analysis, device: str, progress: Callable[[str, int, int], None] | None

@@ -145,3 +145,43 @@ def test_choose_lr_and_final_loss() -> None:
         choose_lr([rec(0.1, math.inf)])
     assert final_loss([4.0, 3.0, 2.0, 1.0] * 5, 0.1) == 1.5  # the last 2 of 20
     assert final_loss([4.0, 2.0], 0.1) == 2.0  # at least one round
+
+
+def test_sweep_runs_carry_exploration_measures(first) -> None:
+    """Sweep runs are probed; their measures, read straight from the trace, equal the
+    analyzer's for the same trace (checked on the traced runs, which have both), and the
+    report shows them with the ordering fractions."""
+    from ntrace.reproduce.measures import exploration, trace_exploration
+
+    rep, _ = first
+    assert all(set(r.exploration or {}) == {"min_distance", "switch", "log_volume"}
+               for r in rep.sweeps if not r.diverged)
+    for r in rep.runs:
+        want = exploration(rep.results[str(r.path)])
+        got = trace_exploration(r.trace)
+        assert got.keys() == want.keys() and all(
+            math.isclose(got[k], want[k], rel_tol=1e-12) or (math.isnan(got[k])
+                                                               and math.isnan(want[k]))
+            for k in got)
+    md = (rep.out / "report.md").read_text()
+    sweep = md.split("## Learning-rate sweep")[1].split("\n## ")[0]
+    assert "| min distance | switch | log-volume |" in sweep
+    assert "digits-autoencoder: rmsprop > sgd" in sweep and " of 1" in sweep
+
+
+def test_sweep_orderings_count_pairs() -> None:
+    from ntrace.reproduce.report import sweep_orderings
+
+    plan = make_plan("tiny")
+    exp = plan.experiments[0]
+
+    def rec(opt: str, lr: float, md: float, sw: float, lv: float) -> RunRecord:
+        return RunRecord(sweep_spec(plan, exp, opt, lr), Path("."), 1.0, 1, 0.0, False,
+                         False, {"min_distance": md, "switch": sw, "log_volume": lv})
+
+    recs = [rec("sgd", 0.1, 0.1, 0.1, -5.0), rec("sgd", 0.3, 0.3, 0.05, -1.0),
+            rec("rmsprop", 1e-3, 0.2, 0.2, -2.0), rec("rmsprop", 3e-3, 0.4, 0.01, -9.0)]
+    # rmsprop > sgd: min distance in (0.2>0.1), (0.4>0.1), (0.4>0.3) = 3 of 4; switch
+    # (0.2>0.1), (0.2>0.05) = 2; log-volume (-2>-5) = 1
+    assert sweep_orderings(recs) == [
+        "digits-autoencoder: rmsprop > sgd 3/2/1 of 4 (min distance/switch/log-volume)"]
