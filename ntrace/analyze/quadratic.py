@@ -54,7 +54,37 @@ def _outer(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x.unsqueeze(2) * y.unsqueeze(1)).reshape(x.shape[0], -1)
 
 
-class NeuronGram:
+class _NeuronStats:
+    """Running sums of one layer's neuron-scale quadratics (one per selected neuron);
+    subclasses say how a block of rounds contributes (``terms``) and how the sums become the
+    hindsight quadratic (``quadratic``)."""
+
+    lp: LayerPlan
+    A: torch.Tensor
+    b: torch.Tensor
+    c: torch.Tensor
+    count: int
+
+    def terms(self, block: RoundBlock, err: torch.Tensor, per_round: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def add(self, block: RoundBlock, err: torch.Tensor) -> None:
+        A, b, c = self.terms(block, err, per_round=False)
+        self.A += A
+        self.b += b
+        self.c += c
+        self.count += block.stop - block.start
+
+    def per_round(self, block: RoundBlock, err: torch.Tensor) -> Quadratic:
+        """Each round's own quadratic, rounds-major: problem index = round·C + neuron."""
+        A, b, c = self.terms(block, err, per_round=True)
+        i = self.lp.d_aug
+        A = A.reshape(-1, i, i)
+        return Quadratic(0.5 * (A + A.transpose(1, 2)), b.reshape(-1, i), c.reshape(-1))
+
+
+class NeuronGram(_NeuronStats):
     """Neuron-scale statistics of one layer's selected neurons (one quadratic per neuron)."""
 
     def __init__(self, lp: LayerPlan, outputs: int, device: torch.device) -> None:
@@ -105,13 +135,6 @@ class NeuronGram:
         bb = lin.reshape(k, -1).T @ xf / s
         return A, bb, const.sum((0, 1)) / s
 
-    def add(self, block: RoundBlock, err: torch.Tensor) -> None:
-        A, b, c = self.terms(block, err, per_round=False)
-        self.A += A
-        self.b += b
-        self.c += c
-        self.count += block.stop - block.start
-
     def quadratic(self) -> Quadratic:
         """The hindsight quadratic over the rounds added so far (one per selected neuron)."""
         i = self.lp.d_aug
@@ -121,15 +144,8 @@ class NeuronGram:
             A = A.expand(len(self.lp.selected), -1, -1).contiguous()
         return Quadratic(A, self.b / self.count, self.c / self.count)
 
-    def per_round(self, block: RoundBlock, err: torch.Tensor) -> Quadratic:
-        """Each round's own quadratic, rounds-major: problem index = round·C + neuron."""
-        A, b, c = self.terms(block, err, per_round=True)
-        i = self.lp.d_aug
-        A = A.reshape(-1, i, i)
-        return Quadratic(0.5 * (A + A.transpose(1, 2)), b.reshape(-1, i), c.reshape(-1))
 
-
-class DenseNeuronGram:
+class DenseNeuronGram(_NeuronStats):
     """Neuron-scale statistics of a layer of another kind, from its designs M (b, s, o, c, i):
     T − y = M_c u − h_c with h_c = M_c w_c − e, so ``A = Σ_s M_cᵀM_c/(Sp)``,
     ``b = Σ_s M_cᵀh_c/(Sp)``, ``c = Σ_s |h_c|²/(Sp)`` (one quadratic per selected neuron)."""
@@ -158,23 +174,11 @@ class DenseNeuronGram:
         return (torch.einsum("bsoci,bsocm->cim", M, M) * scale,
                 torch.einsum("bsoci,bsoc->ci", M, h) * scale, h.pow(2).sum((0, 1, 2)) * scale)
 
-    def add(self, block: RoundBlock, err: torch.Tensor) -> None:
-        A, b, c = self.terms(block, err, per_round=False)
-        self.A += A
-        self.b += b
-        self.c += c
-        self.count += block.stop - block.start
-
     def quadratic(self) -> Quadratic:
         A = self.A / self.count
         return Quadratic(0.5 * (A + A.transpose(1, 2)), self.b / self.count,
                          self.c / self.count)
 
-    def per_round(self, block: RoundBlock, err: torch.Tensor) -> Quadratic:
-        A, b, c = self.terms(block, err, per_round=True)
-        i = self.lp.d_aug
-        A = A.reshape(-1, i, i)
-        return Quadratic(0.5 * (A + A.transpose(1, 2)), b.reshape(-1, i), c.reshape(-1))
 
 
 def layer_factors(lp: LayerPlan, block: RoundBlock, outputs: int
