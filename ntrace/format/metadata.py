@@ -393,10 +393,7 @@ class Geometry:
     @property
     def units(self) -> int:
         """Output units: neurons × positions (the length of the unpacked mask)."""
-        n = 1
-        for v in self.output_shape:
-            n *= v
-        return n
+        return math.prod(self.output_shape)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"input_shape": list(self.input_shape),
@@ -520,10 +517,7 @@ class ModuleAttrs:
 
     @property
     def units(self) -> int:
-        n = 1
-        for v in self.input_shape:
-            n *= v
-        return n
+        return math.prod(self.input_shape)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": self.format_version, "node": "module", "name": self.name,

@@ -8,6 +8,7 @@ unit, ``n`` neuron (feature or channel), ``*q`` output positions. Pre-activation
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -120,7 +121,7 @@ class Extractor:
 
         wanted = [la for la in st.layers
                   if not (st.identity_output and la is st.layers[-1])]
-        units = {la.name: len(self.tracked[la.name]) * max(1, _prod(la.geometry.positions))
+        units = {la.name: len(self.tracked[la.name]) * max(1, math.prod(la.geometry.positions))
                  for la in wanted}
         modes = choose_modes(p, units) if self.mode == "auto" else \
             {n: self.mode for n in units}
@@ -199,14 +200,9 @@ def maxpool_winners(m: StateModule, x: torch.Tensor) -> torch.Tensor:
     pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[k]
     _, idx = pool(x, mod.kernel_size, mod.stride, mod.padding, mod.dilation,  # type: ignore[arg-type]
                   ceil_mode=mod.ceil_mode, return_indices=True)  # type: ignore[arg-type]
-    flat = torch.zeros(x.shape[0], x.shape[1], _prod(x.shape[2:]), dtype=torch.bool,
+    flat = torch.zeros(x.shape[0], x.shape[1], math.prod(x.shape[2:]), dtype=torch.bool,
                        device=x.device)
     flat.scatter_(2, idx.flatten(2), True)
     return flat.reshape(x.shape)
 
 
-def _prod(v: Any) -> int:
-    n = 1
-    for i in v:
-        n *= int(i)
-    return n

@@ -17,6 +17,7 @@ Samples are independent (no batch-coupled modules), so one pass covers all sampl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -108,9 +109,7 @@ def jacobian_forward(run: Forward, layer: nn.Module, tracked: torch.Tensor, s: i
         return out + delta[0]
 
     n, *q = out_shape
-    positions = 1
-    for v in q:
-        positions *= v
+    positions = math.prod(q)
     units = len(tracked) * positions
     handle = layer.register_forward_hook(add)
     dtype = next(layer.parameters()).dtype
