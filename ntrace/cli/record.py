@@ -13,25 +13,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ntrace.cli import handle_errors
 
 
-def _dir_bytes(path: str) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(dirpath, f))
-            except OSError:
-                pass
-    return total
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
 @click.command(short_help="Train a task (or run a script) and record its Taylor trace.")
 @click.option("--task", default=None,
               help="built-in task [default: digits-autoencoder]; not with a command")
@@ -80,6 +61,7 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
     """Train a built-in task and record its Taylor trace, or record an unmodified script:
     ``ntrace record [OPTIONS] -- python train.py [ARGS]`` (or ``-- python -m MODULE``)."""
     from ntrace.errors import UsageError
+    from ntrace.format.summary import dir_bytes, human_bytes
     from ntrace.tasks import TASKS, get_task
     from ntrace.tasks.runner import Progress as RunProgress
     from ntrace.tasks.runner import RunOptions, run_task
@@ -130,7 +112,7 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
             now = time.perf_counter()
             if p.round == p.total or now - last[0] > 0.25:
                 last[0] = now
-                size = _human(_dir_bytes(out)) if os.path.isdir(out) else ""
+                size = human_bytes(dir_bytes(out)) if os.path.isdir(out) else ""
                 bar.update(job, completed=p.round, total=p.total,
                            rate=p.round / max(p.elapsed, 1e-9), size=size)
 

@@ -26,12 +26,16 @@ def human_bytes(n: float) -> str:
 
 
 def dir_bytes(path: str | os.PathLike[str]) -> int:
-    """Bytes of the files under a local directory, ``*.partial`` files excluded."""
+    """Bytes of the files under a local directory, ``*.partial`` files excluded; a file that
+    vanishes during the walk (a trace being written) is not counted."""
     total = 0
     for dirpath, _, files in os.walk(path):
         for f in files:
             if not f.endswith(".partial"):
-                total += os.path.getsize(os.path.join(dirpath, f))
+                try:
+                    total += os.path.getsize(os.path.join(dirpath, f))
+                except FileNotFoundError:
+                    pass
     return total
 
 
