@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ntrace.errors import UsageError
+from ntrace.tasks.cifar import has_cifar10
+from ntrace.tasks.datasets import has_mnist
 
 SCALES = ("tiny", "small", "paper")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
@@ -98,16 +100,6 @@ class Plan:
         raise UsageError(f"the plan has no {kind} experiment")
 
 
-def _has_mnist(d: Path) -> bool:
-    return any((d / f"{s}-images-idx3-ubyte{z}").is_file()
-               for s in ("train", "t10k") for z in ("", ".gz"))
-
-
-def _has_cifar(d: Path) -> bool:
-    return (any(d.glob("data_batch_*.bin")) or (d / "cifar-10-batches-bin").is_dir()
-            or any(d.glob("*.npz")))
-
-
 def find_data(data_dir: str | None) -> tuple[str | None, str | None]:
     """The MNIST and CIFAR-10 directories under ``data_dir``: the directory itself or its
     ``mnist/`` and ``cifar10/`` (or ``cifar-10``) subfolders; ``None`` where absent."""
@@ -117,10 +109,10 @@ def find_data(data_dir: str | None) -> tuple[str | None, str | None]:
     if not d.is_dir():
         raise UsageError(f"--data-dir {d} is not a directory; give a folder holding MNIST "
                          "and/or CIFAR-10 files, or their mnist/ and cifar10/ subfolders")
-    mnist = next((str(p) for p in (d / "mnist", d / "MNIST", d) if p.is_dir() and _has_mnist(p)),
+    mnist = next((str(p) for p in (d / "mnist", d / "MNIST", d) if p.is_dir() and has_mnist(p)),
                  None)
     cifar = next((str(p) for p in (d / "cifar10", d / "cifar-10", d)
-                  if p.is_dir() and _has_cifar(p)), None)
+                  if p.is_dir() and has_cifar10(p)), None)
     if mnist is None and cifar is None:
         raise UsageError(f"--data-dir {d} holds neither MNIST IDX files nor CIFAR-10 files "
                          "(also looked in mnist/ and cifar10/); leave it out to use the "

@@ -49,6 +49,14 @@ def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), y.astype(np.int64)
 
 
+def has_cifar10(data_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``data_dir`` holds files :func:`load_cifar10` reads (binary batches, directly
+    or in ``cifar-10-batches-bin/``, or an ``.npz``)."""
+    d = Path(data_dir)
+    return any((base / f).is_file() for base in (d, d / "cifar-10-batches-bin")
+               for f in BINARY_FILES) or any(d.glob("*.npz"))
+
+
 def load_cifar10(data_dir: str | os.PathLike[str] | None) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-10 from ``data_dir``: the binary batches (``data_batch_*.bin``, also inside
     ``cifar-10-batches-bin/``) or a single ``.npz`` holding ``x`` (uint8 NHWC) and ``y``."""

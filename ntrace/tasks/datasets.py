@@ -72,6 +72,12 @@ def _find(data_dir: Path, stem: str) -> Path | None:
     return None
 
 
+def has_mnist(data_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``data_dir`` holds the images :func:`load_mnist` reads (either split)."""
+    d = Path(data_dir)
+    return any(_find(d, f"{split}-images-idx3-ubyte") for split in ("train", "t10k"))
+
+
 def load_mnist(data_dir: str | os.PathLike[str] | None) -> tuple[np.ndarray, np.ndarray]:
     """MNIST from standard IDX files in ``data_dir``: the training split when present,
     else the 10k test split. Images are flattened to 784 values in [0, 1]."""
