@@ -135,15 +135,13 @@ def summarize_exploration(min_distance_fraction: np.ndarray, switch_fraction: np
             "log_volume": float(np.median(log_volume))}
 
 
-def trace_exploration(trace_path: Any) -> dict[str, float]:
-    """The same three measures straight from a trace's probe snapshots (no optima solved),
-    for the short sweep runs; empty without at least two snapshots."""
+def trace_exploration(trace: Any) -> dict[str, float]:
+    """The same three measures straight from an open trace's probe snapshots (no optima
+    solved), for the short sweep runs; empty without at least two snapshots."""
     from ntrace.analyze.options import AnalysisOptions
     from ntrace.analyze.run import explore
-    from ntrace.format.reader import open_trace
 
-    with open_trace(trace_path) as tr:
-        e = explore(tr, AnalysisOptions())
+    e = explore(trace, AnalysisOptions())
     if e is None:
         return {}
     frac = np.where(e.min_distance >= 0, e.min_distance / max(e.bits, 1), np.nan)

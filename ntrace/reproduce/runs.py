@@ -169,15 +169,15 @@ def ensure_run(spec: RunSpec, path: Path, fraction: float,
     except NonFiniteLossError:  # a learning rate too large: recorded as diverged
         diverged = True
     seconds = time.perf_counter() - start
+    explored = None
     with open_trace(path / "trace.zarr") as t:
         losses = t.read("loss")
         rounds = t.rounds
-    loss = math.inf if diverged else final_loss(losses, fraction)
-    explored = None
-    if spec.role == "sweep" and spec.probe_size and not diverged:
-        from ntrace.reproduce.measures import trace_exploration
+        if spec.role == "sweep" and spec.probe_size and not diverged:
+            from ntrace.reproduce.measures import trace_exploration
 
-        explored = trace_exploration(path / "trace.zarr") or None
+            explored = trace_exploration(t) or None
+    loss = math.inf if diverged else final_loss(losses, fraction)
     write_marker(marker, {"spec": spec.to_dict(), "final_loss": loss, "rounds": rounds,
                           "seconds": seconds, "diverged": diverged, "exploration": explored})
     return RunRecord(spec, path, loss, rounds, seconds, False, diverged, explored)

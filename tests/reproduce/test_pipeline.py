@@ -151,6 +151,7 @@ def test_sweep_runs_carry_exploration_measures(first) -> None:
     """Sweep runs are probed; their measures, read straight from the trace, equal the
     analyzer's for the same trace (checked on the traced runs, which have both), and the
     report shows them with the ordering fractions."""
+    from ntrace.format.reader import open_trace
     from ntrace.reproduce.measures import exploration, trace_exploration
 
     rep, _ = first
@@ -158,7 +159,8 @@ def test_sweep_runs_carry_exploration_measures(first) -> None:
                for r in rep.sweeps if not r.diverged)
     for r in rep.runs:
         want = exploration(rep.results[str(r.path)])
-        got = trace_exploration(r.trace)
+        with open_trace(r.trace) as tr:
+            got = trace_exploration(tr)
         assert got.keys() == want.keys() and all(
             math.isclose(got[k], want[k], rel_tol=1e-12) or (math.isnan(got[k])
                                                                and math.isnan(want[k]))
