@@ -10,10 +10,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ntrace.analyze.kinds import LayerKind, layer_kind
 from ntrace.analyze.options import SCALES, AnalysisOptions, log_checkpoints
 from ntrace.errors import EmptyTraceError, UsageError
 from ntrace.format.reader import Trace
+from ntrace.ops import LayerOp, layer_op
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,12 @@ class LayerPlan:
     jacobian: str
     tracked: np.ndarray
     selected: np.ndarray
-    kind: LayerKind
+    kind: LayerOp
     stored: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def d_aug(self) -> int:
-        """Parameters of one neuron (its row of the weight, see :mod:`ntrace.analyze.kinds`)
+        """Parameters of one neuron (its row of the weight, see :mod:`ntrace.ops`)
         plus one for the bias (linear inputs are augmented with a 1)."""
         return self.kind.row_size + int(self.bias)
 
@@ -139,7 +139,7 @@ def make_plan(trace: Trace, opts: AnalysisOptions) -> AnalysisPlan:
         plans.append(LayerPlan(name=name, index=la.index, out_features=la.out_features,
                                in_features=la.in_features, bias=la.bias, jacobian=la.jacobian,
                                tracked=np.asarray(trace.tracked[name], dtype=np.int64),
-                               selected=_pick_neurons(trace, name, opts), kind=layer_kind(la)))
+                               selected=_pick_neurons(trace, name, opts), kind=layer_op(la)))
     if opts.scales is not None:
         wanted = opts.scales
     elif opts.neurons is not None:

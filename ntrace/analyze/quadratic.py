@@ -11,7 +11,7 @@ neuron j with Jacobian column g_s: α_s = |g_s|²/p, β_s = g_s·e_s/p, then
 Layer/network: T_s = h_s + G_s u with G_s = [J_l ⊗ x̃_l]_l and h_s = e_s − Σ_l J_l a_l,
 so ``A = Σ_s G_sᵀG_s/(Sp)`` (blocks Σ_s (J_lᵀJ_m) ⊗ (x̃_l x̃_mᵀ)), ``b = −Σ_s G_sᵀh_s/(Sp)``,
 ``c = Σ_s |h_s|²/(Sp)``. Layers of other kinds (convolutions, embeddings) have no Kronecker
-structure: their designs M (p × row per neuron, :mod:`ntrace.analyze.kinds`) are formed, and
+structure: their designs M (p × row per neuron, :mod:`ntrace.ops`) are formed, and
 the same formulas use G_s = [M_s]; Hessian blocks touching such a layer are Σ G_lᵀG_m.
 Index letters as in :mod:`ntrace.analyze.source`; ``k`` = (b, s).
 """

@@ -6,7 +6,7 @@ float64 designs computed from it); nothing else of the trace is held. Index lett
 section 1): ``b`` Taylor round within the block, ``s`` recorded sample, ``o`` output unit,
 ``j`` neuron, ``c`` position in the layer's tracked list, ``i`` entry of a neuron's
 augmented row (its parameters, then the bias; for a linear layer the input feature, with a
-trailing 1 when the layer has a bias). See :mod:`ntrace.analyze.kinds` for the layouts.
+trailing 1 when the layer has a bias). See :mod:`ntrace.ops` for the layouts.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Taylor losses evaluated directly from the stored factors (spec section 8).
 
 ``T_s = f_s + Σ_l J_{l,s} Δa_{l,s}[tracked]`` with ``Δa = op(x_s, V − W) + (c − b)`` (``op``
-per layer kind, :mod:`ntrace.analyze.kinds`); the Taylor loss of round t is the mean over
+per layer kind, :mod:`ntrace.ops`); the Taylor loss of round t is the mean over
 recorded samples of ℓ(T_s, y_s). These functions apply ``op`` itself (never the designs the
 solvers use), work on one round at a time, are differentiable in the candidate parameters
 (torch autograd), and serve as the reference that the accumulated statistics are tested
@@ -14,11 +14,11 @@ from collections.abc import Mapping
 
 import torch
 
-from ntrace.analyze.kinds import layer_kind
 from ntrace.analyze.plan import LayerPlan
 from ntrace.analyze.source import DTYPE, LayerBlock, RoundBlock, TaylorSource
 from ntrace.errors import UsageError
 from ntrace.format.reader import Trace
+from ntrace.ops import layer_op
 
 
 def sample_loss(loss_id: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -48,10 +48,8 @@ def _layer_move(lp: LayerPlan, lb: LayerBlock, delta: torch.Tensor) -> torch.Ten
     n_row = kind.row_size
     moves = []
     for r in range(delta.shape[0]):  # each round has its own displacement
-        V = kind.unrows(delta[r, :, :n_row])
-        da = kind.op(lb.x[r], V)  # (s, j, *positions)
-        if lp.bias:
-            da = da + delta[r, :, n_row].reshape(1, -1, *([1] * (da.ndim - 2)))
+        da = kind.affine(lb.x[r], kind.unrows(delta[r, :, :n_row]),
+                         delta[r, :, n_row] if lp.bias else None)  # (s, j, *positions)
         if lb.jac is None:
             moves.append(da.reshape(da.shape[0], -1))
             continue
@@ -122,7 +120,7 @@ def neuron_taylor_loss(trace: Trace, t: int, layer: str, neuron: int, v: torch.T
     if not 0 <= neuron < la.out_features:
         raise UsageError(f"neuron {neuron} does not exist in layer {layer!r} "
                          f"({la.out_features} neurons)")
-    kind = layer_kind(la)
+    kind = layer_op(la)
     if v.numel() != kind.row_size:
         raise UsageError(f"layer {layer}: a neuron's row has {kind.row_size} parameters, v has "
                          f"{v.numel()}")

@@ -7,20 +7,18 @@ unit, ``n`` neuron (feature or channel), ``*q`` output positions. Pre-activation
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ntrace import ops
+from ntrace.ops.dropout import dropout_off
 from ntrace.record.graph_jacobian import choose_modes, jacobian_forward, jacobians_reverse
-from ntrace.record.handlers import states
 from ntrace.record.jacobian import jacobians_recursive
-from ntrace.record.structure import CallLog, StateModule, Structure, TrackedLayer, Watcher
+from ntrace.record.structure import CallLog, Structure, Watcher
 
 
 @dataclass
@@ -36,32 +34,10 @@ class LayerData:
     slope: torch.Tensor | None
 
 
-def pre_activation(layer: TrackedLayer, out: torch.Tensor) -> torch.Tensor:
-    """A layer's logged output as (batch, neurons, *positions)."""
-    return out.movedim(-1, 1) if layer.handler.kind == "embedding" else out
-
-
 def _slice(value: Any, b: int, s: int) -> Any:
     if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == b:
         return value[:s]
     return value
-
-
-@contextlib.contextmanager
-def dropout_off(model: nn.Module) -> Iterator[None]:
-    """Dropout modules in eval mode (identity) and the RNG untouched, for extra forwards."""
-    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)
-             and m.training]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and any(
-        p.is_cuda for p in model.parameters()) else []
-    with torch.random.fork_rng(devices=devices):
-        for m in drops:
-            m.training = False
-        try:
-            yield
-        finally:
-            for m in drops:
-                m.training = True
 
 
 class Extractor:
@@ -83,11 +59,12 @@ class Extractor:
         s = self.s
         st = self.structure
         calls = log.calls
-        pre = [pre_activation(la, calls[la.call_index].output[:s].detach()) for la in st.layers]
-        weights = [la.handler.weight(la.module).detach() for la in st.layers]
+        pre = [la.op.neurons_first(calls[la.call_index].output[:s].detach()) for la in st.layers]
+        weights = [la.op.weight(la.module).detach() for la in st.layers]
         if st.kind == "chain":
             jacs = dict(zip((la.name for la in st.layers),
-                            jacobians_recursive(weights, [la.activation for la in st.layers], pre),
+                            jacobians_recursive(weights, [la.activation for la in st.layers], pre,
+                                                [la.op for la in st.layers]),
                             strict=True))
             jacs = {k: None if v is None else v[..., self.tracked[k]] for k, v in jacs.items()}
         else:
@@ -96,13 +73,13 @@ class Extractor:
         for la, W, a in zip(st.layers, weights, pre, strict=True):
             low = high = slope = None
             if la.activation.has_mask:
-                low, high = states(la.activation, a)
+                act = ops.activation_op(la.activation)
+                low, high = act.states(la.activation, a)
                 low = low.reshape(s, -1)
                 high = None if high is None else high.reshape(s, -1)
-                if la.activation.kind == "prelu":
-                    slope = la.act_module.weight.detach()  # type: ignore[union-attr]
+                slope = act.parameter(la.act_module)  # type: ignore[arg-type]
             x = calls[la.call_index].input[:s].detach()
-            bias = la.handler.bias(la.module)
+            bias = la.op.bias(la.module)
             out[la.name] = LayerData(W, x, None if bias is None else bias.detach(),
                                      jacs[la.name], low, high, slope)
         return out
@@ -113,7 +90,7 @@ class Extractor:
         b = log.output.shape[0]
         args = tuple(_slice(a, b, s) for a in log.args)
         kwargs = {k: _slice(v, b, s) for k, v in log.kwargs.items()}
-        replay = self._dropout_replay(log)
+        replay = self._replay(log)
         p = log.output.shape[1]
 
         def run() -> torch.Tensor:
@@ -130,7 +107,7 @@ class Extractor:
         self.watcher.paused = True
         try:
             with dropout_off(self.model):
-                last = frozenset(la.name for la in wanted if la.handler.kind == "embedding")
+                last = frozenset(la.name for la in wanted if la.op.neuron_last)
                 rev = {la.name: la.module for la in wanted if modes[la.name] == "reverse"}
                 if rev:
                     out.update(jacobians_reverse(run, rev, self.tracked, self.max_bytes, last))
@@ -145,27 +122,16 @@ class Extractor:
                 h.remove()
         return out
 
-    def _dropout_replay(self, log: CallLog) -> list[tuple[nn.Module, Any]]:
-        """Hooks making each dropout call of the extra forward reuse the training mask."""
+    def _replay(self, log: CallLog) -> list[tuple[nn.Module, Any]]:
+        """Hooks making each random call (dropout) of the extra forward repeat the training
+        call."""
         replay = []
         for m in self.structure.modules:
-            if m.kind != "dropout":
-                continue
             call = log.calls[m.call_index]
-            keep_scale = self._dropout_scale(call.input[:self.s], call.output[:self.s])
-
-            def hook(mod: nn.Module, a: Any, o: torch.Tensor, k: torch.Tensor = keep_scale
-                     ) -> torch.Tensor:
-                return a[0] * k
-
-            replay.append((m.module, hook))
+            hook = m.op.replay(m.module, call.input[:self.s], call.output[:self.s])
+            if hook is not None:
+                replay.append((m.module, hook))
         return replay
-
-    @staticmethod
-    def _dropout_scale(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, y = x.detach(), y.detach()
-        return torch.where(x != 0, y / torch.where(x != 0, x, torch.ones_like(x)),
-                           torch.zeros_like(x))
 
     def module_states(self, log: CallLog) -> dict[str, torch.Tensor]:
         """Max-pool winners and dropout keep-masks of the recorded samples, (s, units) bool."""
@@ -173,10 +139,7 @@ class Extractor:
         for m in self.structure.modules:
             call = log.calls[m.call_index]
             x = call.input[:self.s].detach()
-            if m.kind == "dropout":
-                out[m.name] = ((call.output[:self.s] != 0) | (x == 0)).reshape(self.s, -1)
-            else:
-                out[m.name] = maxpool_winners(m, x).reshape(self.s, -1)
+            out[m.name] = m.op.states(m.module, x, call.output[:self.s]).reshape(self.s, -1)
         return out
 
     # -- probe snapshots -------------------------------------------------------------------
@@ -188,21 +151,7 @@ class Extractor:
         calls = self.watcher.log.calls
         parts = []
         for la in self.mask_layers:
-            a = pre_activation(la, calls[la.call_index].output)
-            parts.append(states(la.activation, a)[0].reshape(len(probe), -1))
+            a = la.op.neurons_first(calls[la.call_index].output)
+            low = ops.activation_op(la.activation).states(la.activation, a)[0]
+            parts.append(low.reshape(len(probe), -1))
         return torch.cat(parts, dim=1)
-
-
-def maxpool_winners(m: StateModule, x: torch.Tensor) -> torch.Tensor:
-    """1 where an input element is the maximum its window returned (torch's argmax choice)."""
-    mod = m.module
-    k = x.ndim - 2
-    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[k]
-    _, idx = pool(x, mod.kernel_size, mod.stride, mod.padding, mod.dilation,  # type: ignore[arg-type]
-                  ceil_mode=mod.ceil_mode, return_indices=True)  # type: ignore[arg-type]
-    flat = torch.zeros(x.shape[0], x.shape[1], math.prod(x.shape[2:]), dtype=torch.bool,
-                       device=x.device)
-    flat.scatter_(2, idx.flatten(2), True)
-    return flat.reshape(x.shape)
-
-

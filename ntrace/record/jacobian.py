@@ -5,7 +5,8 @@ input. The fast path is the backward recursion of a chain,
 
     J_L = diag(d_L),  J_l = J_{l+1} W_{l+1} diag(d_l),
 
-with ``d_l`` the activation slopes at ``a_l``: Σ_l p·n_{l+1}·n_l multiply-adds per sample.
+with ``d_l`` the activation slopes at ``a_l`` (each activation op's ``slope``) and
+``J_{l+1} W_{l+1}`` the layer op's ``pull``: Σ_l p·n_{l+1}·n_l multiply-adds per sample.
 When the output layer has no activation J_L is the identity and is never formed.
 ``jacobians_autograd`` is an independent reference (torch.func forward mode) for tests.
 """
@@ -17,30 +18,32 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ntrace import ops
 from ntrace.format.metadata import Activation
-from ntrace.record.handlers import slope
+
+
+def _slope(act: Activation, a: torch.Tensor) -> torch.Tensor:
+    return ops.activation_op(act).slope(act, a)
 
 
 def jacobians_recursive(weights: Sequence[torch.Tensor], activations: Sequence[Activation],
-                        pre: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+                        pre: Sequence[torch.Tensor],
+                        layers: Sequence[ops.LayerOp] | None = None) -> list[torch.Tensor | None]:
     """J_l for each layer of a chain; ``weights[l]`` is (n_l, n_{l-1}) and ``pre[l]`` the
-    pre-activations (b, n_l). Returns (b, o, n_l) tensors, ``None`` for an identity J_L."""
+    pre-activations (b, n_l); ``layers`` the layer ops (default: linear, the chain's kind).
+    Returns (b, o, n_l) tensors, ``None`` for an identity J_L."""
     L = len(weights)
+    pulls = [ops.LAYERS["linear"].pull] * L if layers is None else [la.pull for la in layers]
     out: list[torch.Tensor | None] = [None] * L
     last = activations[-1]
     if last.kind == "identity":
         J: torch.Tensor | None = None  # identity, never materialised
     else:
-        d = slope(last, pre[-1])
-        J = torch.diag_embed(d)  # (b, o, o)
+        J = torch.diag_embed(_slope(last, pre[-1]))  # (b, o, o)
         out[-1] = J
     for layer in range(L - 2, -1, -1):
-        W = weights[layer + 1]  # (n_{l+1}, n_l)
-        d = slope(activations[layer], pre[layer])  # (b, n_l)
-        if J is None:
-            J = W.unsqueeze(0) * d.unsqueeze(1)  # (b, o, n_l): I · W · diag(d)
-        else:
-            J = torch.matmul(J, W) * d.unsqueeze(1)
+        d = _slope(activations[layer], pre[layer])  # (b, n_l)
+        J = pulls[layer + 1](J, weights[layer + 1]) * d.unsqueeze(1)  # (b, o, n_l): J W diag(d)
         out[layer] = J
     return out
 

@@ -314,15 +314,7 @@ class Recorder:
                 idx = np.sort(rng.choice(n_out, size=int(k), replace=False))
             self.tracked[la.name] = torch.as_tensor(idx, device=self._device)
             identity = st.identity_output and la is st.layers[-1]
-            geo = la.geometry
-            linear = la.handler.kind == "linear"
-            layer_attrs.append(LayerAttrs(
-                name=la.name, index=i, kind=la.handler.kind,
-                in_features=int(geo.weight_shape[0] if la.handler.kind == "embedding"
-                                else geo.input_shape[0]),
-                out_features=n_out, bias=la.handler.bias(la.module) is not None,
-                activation=la.activation, jacobian="identity" if identity else "stored",
-                geometry=None if linear else geo))
+            layer_attrs.append(la.attrs(i, "identity" if identity else "stored"))
         modules = [ModuleAttrs(m.name, m.kind, m.input_shape) for m in st.modules]
         self._extract = Extractor(self.model, st, self.tracked, self.sampling.samples_per_round,
                                   self._watcher, self.max_jacobian_memory, self.jacobian_mode)

@@ -1,7 +1,8 @@
 """Finding the tracked layers of a model by watching one forward pass.
 
 Forward hooks on every leaf module log ``(module, input, output)`` for the current call of
-the root model. ``discover`` turns the log into a :class:`Structure`: the tracked layers
+the root model. ``discover`` recognises each call's op in the registry (:mod:`ntrace.ops`),
+dispatches on its role, and turns the log into a :class:`Structure`: the tracked layers
 (modules linear in their weights) in call order, the activation applied directly to each
 layer's output, the max-pool and dropout calls whose states are recorded, and whether the
 model is a plain *chain* (Linear → ReLU-family → Linear …, the fast Jacobian recursion and
@@ -11,15 +12,16 @@ format 1.0's layout) or a general *graph* (Jacobians by autograd).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ntrace import ops
 from ntrace.errors import UnsupportedModelError, UsageError
-from ntrace.format.metadata import Activation, Geometry
-from ntrace.record import handlers
+from ntrace.format.metadata import Activation, Geometry, LayerAttrs
 
 POLICIES = ("error", "warn", "skip")
 
@@ -34,16 +36,25 @@ class Call:
 
 @dataclass
 class TrackedLayer:
-    """One tracked layer: its module, handler, geometry and the activation on its output."""
+    """One tracked layer: its module, its op (bound to the call's geometry) and the activation
+    on its output."""
 
     name: str
     module: nn.Module
-    handler: handlers.LayerHandler
+    op: ops.LayerOp
     call_index: int
-    geometry: Geometry
     activation: Activation = field(default_factory=lambda: Activation("identity"))
     act_module: nn.Module | None = None  # the activation module (PReLU's slopes live there)
     act_call: int | None = None
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.op.geometry
+
+    def attrs(self, index: int, jacobian: str) -> LayerAttrs:
+        """The layer's attribute document, ``index`` its position in the trace."""
+        return self.op.attrs(self.name, index, self.op.bias(self.module) is not None,
+                             self.activation, jacobian)
 
 
 @dataclass
@@ -55,6 +66,10 @@ class StateModule:
     kind: str
     call_index: int
     input_shape: tuple[int, ...]
+
+    @property
+    def op(self) -> type[ops.StateOp]:
+        return ops.STATES[self.kind]
 
 
 @dataclass
@@ -124,9 +139,6 @@ def describe(call: Call) -> str:
     return f"{call.name} ({type(call.module).__name__})"
 
 
-CHAIN_ACTIVATIONS = ("relu", "leaky_relu")
-
-
 def discover(log: CallLog, model: nn.Module, unsupported: str = "error") -> Structure:
     """Turn one logged forward into the model's :class:`Structure`, or explain why not."""
     if unsupported not in POLICIES:
@@ -140,50 +152,19 @@ def discover(log: CallLog, model: nn.Module, unsupported: str = "error") -> Stru
     if not isinstance(out, torch.Tensor):
         raise UnsupportedModelError(f"the model returns {type(out).__name__}, not a tensor; "
                                     "wrap it so that forward returns the (batch, outputs) tensor")
-    layers: list[TrackedLayer] = []
-    modules: list[StateModule] = []
-    by_output: dict[int, TrackedLayer] = {}
-    seen_layers: set[int] = set()
-    state_calls: dict[int, int] = {}
+    found = _Found()
     for i, c in enumerate(calls):
-        h = handlers.handler_for(c.module)
-        if h is not None:
-            if id(c.module) in seen_layers:
-                raise UnsupportedModelError(
-                    f"layer {describe(c)} is called twice in one forward; shared weights are "
-                    "not supported by the trace format")
-            seen_layers.add(id(c.module))
-            layer = TrackedLayer(c.name, c.module, h, i,
-                                 h.geometry(c.name, c.module, c.input, c.output))
-            layers.append(layer)
-            by_output[id(c.output)] = layer
-            continue
-        act = handlers.ACTIVATIONS.get(type(c.module))
-        if act is not None:
-            owner = by_output.get(id(c.input))
-            if owner is not None and owner.act_module is None:
-                owner.activation, owner.act_module, owner.act_call = act(c.module), c.module, i
-            continue
-        kind = handlers.STATEFUL.get(type(c.module))
-        if kind is not None:
-            if kind == "dropout" and not c.module.training:
-                continue  # identity in eval mode
-            k = state_calls.get(id(c.module), 0)
-            state_calls[id(c.module)] = k + 1
-            modules.append(StateModule(c.name if k == 0 else f"{c.name}@{k}", c.module, kind, i,
-                                       tuple(c.input.shape[1:])))
-            continue
-        if isinstance(c.module, handlers.EVAL_ONLY) and c.module.training:
-            raise UnsupportedModelError(
-                f"module {describe(c)} is in training mode, where each sample's output depends "
-                "on the whole batch and per-sample Jacobians are undefined; call "
-                f"model.{c.name}.eval() (or use LayerNorm/GroupNorm)")
-        if isinstance(c.module, handlers.PASSTHROUGH):
-            continue
-        _unsupported(c, unsupported)
+        op = ops.recognise(c.module)
+        if op is None:
+            _unsupported(c, unsupported)
+        elif (why := op.unsupported(c.name, c.module)) is not None:
+            _refused(why, unsupported)
+        else:
+            _VISIT[op.role](found, op, i, c)
+    layers, modules = found.layers, found.modules
     if not layers:
-        raise UnsupportedModelError("the model has no layer ntrace can track (nn.Linear, "
-                                    "nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Embedding)")
+        raise UnsupportedModelError("the model has no layer ntrace can track "
+                                    f"({ops.supported(ops.LAYER, prefix='nn.')})")
     if out.ndim != 2:
         raise UsageError(f"the model output must be (batch, outputs); found shape "
                          f"{tuple(out.shape)} (flatten it in the model)")
@@ -196,26 +177,76 @@ def discover(log: CallLog, model: nn.Module, unsupported: str = "error") -> Stru
     return Structure(layers, modules, kind, identity)
 
 
+@dataclass
+class _Found:
+    """What :func:`discover` has found so far; one method per op role (``_VISIT``)."""
+
+    layers: list[TrackedLayer] = field(default_factory=list)
+    modules: list[StateModule] = field(default_factory=list)
+    by_output: dict[int, TrackedLayer] = field(default_factory=dict)
+    state_calls: dict[int, int] = field(default_factory=dict)
+
+    def layer(self, op: type[ops.LayerOp], i: int, c: Call) -> None:
+        if any(la.module is c.module for la in self.layers):
+            raise UnsupportedModelError(
+                f"layer {describe(c)} is called twice in one forward; shared weights are "
+                "not supported by the trace format")
+        layer = TrackedLayer(c.name, c.module, op.from_call(c.name, c.module, c.input, c.output),
+                             i)
+        self.layers.append(layer)
+        self.by_output[id(c.output)] = layer
+
+    def activation(self, op: type[ops.ActivationOp], i: int, c: Call) -> None:
+        owner = self.by_output.get(id(c.input))
+        if owner is not None and owner.act_module is None:
+            owner.activation, owner.act_module, owner.act_call = op.describe(c.module), c.module, i
+
+    def state(self, op: type[ops.StateOp], i: int, c: Call) -> None:
+        if not op.active(c.module):
+            return  # dropout in eval mode: the identity
+        k = self.state_calls.get(id(c.module), 0)
+        self.state_calls[id(c.module)] = k + 1
+        self.modules.append(StateModule(c.name if k == 0 else f"{c.name}@{k}", c.module, op.name,
+                                        i, tuple(c.input.shape[1:])))
+
+    def passthrough(self, op: type[ops.PassthroughOp], i: int, c: Call) -> None:
+        op.check(c.name, c.module)
+
+
+_VISIT: dict[str, Callable[[_Found, Any, int, Call], None]] = {
+    ops.LAYER: _Found.layer, ops.ACTIVATION: _Found.activation, ops.STATE: _Found.state,
+    ops.PASSTHROUGH: _Found.passthrough,
+}
+
+
+def _apply_policy(policy: str, what: str, fix: str, warned: str = "") -> None:
+    """The ``unsupported`` policy for something that cannot be recorded: raise ``what`` and
+    ``fix`` (error), warn ``what`` (warn), or nothing (skip)."""
+    if policy == "error":
+        raise UnsupportedModelError(f"{what}{fix}")
+    if policy == "warn":
+        warnings.warn(f"ntrace: {what}{warned}", stacklevel=5)
+
+
 def _unsupported(c: Call, policy: str) -> None:
     params = sum(p.numel() for p in c.module.parameters(recurse=False))
     what = (f"module {describe(c)} is not one ntrace understands"
             + (f"; its {params} parameters would not be tracked" if params else
                "; its activation states would not be recorded"))
-    hint = ("supported: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, ReLU, LeakyReLU, "
-            "PReLU, ReLU6, Hardtanh, MaxPool, Dropout, AvgPool, BatchNorm (eval), LayerNorm, "
-            "Flatten, Identity")
-    if policy == "error":
-        raise UnsupportedModelError(
-            f"{what}. Pass unsupported='warn' or 'skip' (CLI: --unsupported warn|skip) to record "
-            f"the rest, with Jacobians exact through it by autograd ({hint})")
-    if policy == "warn":
-        warnings.warn(f"ntrace: {what}; recording the rest", stacklevel=4)
+    _apply_policy(policy, what, ". Pass unsupported='warn' or 'skip' (CLI: --unsupported "
+                  "warn|skip) to record the rest, with Jacobians exact through it by autograd "
+                  f"(supported: {ops.supported()})", "; recording the rest")
 
 
-# autograd nodes of nonlinear elementwise ops; outside a module call ntrace cannot see them
-NONLINEAR_NODES = ("Relu", "LeakyRelu", "Hardtanh", "Threshold", "Prelu", "MaxPool", "Elu",
-                   "Gelu", "Silu", "Tanh", "Sigmoid", "Softplus", "Mish", "Hardswish",
-                   "Hardsigmoid", "Clamp")
+def _refused(why: str, policy: str) -> None:
+    _apply_policy(policy, why, ". Pass unsupported='warn' or 'skip' (CLI: --unsupported "
+                  "warn|skip) to record the rest without it", "; recording the rest")
+
+
+# autograd nodes of nonlinear elementwise ops; outside a module call ntrace cannot see them:
+# those of the recorded ops, and others
+NONLINEAR_NODES = (*ops.grad_nodes(), "Elu", "Gelu", "Silu", "Tanh", "Sigmoid", "Softplus",
+                   "Mish", "Hardswish", "Hardsigmoid", "Clamp")
 
 
 def hidden_nonlinearities(out: torch.Tensor, calls: list[Call]) -> list[str]:
@@ -245,21 +276,16 @@ def hidden_nonlinearities(out: torch.Tensor, calls: list[Call]) -> list[str]:
 def _invisible(hidden: list[str], policy: str) -> None:
     what = (f"the forward applies nonlinear operations outside modules ({', '.join(hidden)}: "
             "functional calls such as F.relu or torch.tanh), whose states ntrace cannot record")
-    if policy == "error":
-        raise UnsupportedModelError(
-            f"{what}; use nn.ReLU-family modules, or pass unsupported='warn' or 'skip' (CLI: "
-            "--unsupported warn|skip) to record without them (Jacobians stay exact)")
-    if policy == "warn":
-        warnings.warn(f"ntrace: {what}", stacklevel=4)
+    _apply_policy(policy, what, "; use nn.ReLU-family modules, or pass unsupported='warn' or "
+                  "'skip' (CLI: --unsupported warn|skip) to record without them (Jacobians stay "
+                  "exact)")
 
 
 def _is_chain(calls: list[Call], layers: list[TrackedLayer], modules: list[StateModule],
               out: torch.Tensor) -> bool:
     """Linear → (ReLU|LeakyReLU) → Linear … with each call consuming the previous output."""
-    if modules or any(la.handler.kind != "linear" for la in layers):
-        return False
-    if any(la.act_module is not None and la.activation.kind not in CHAIN_ACTIVATIONS
-           for la in layers):
+    if modules or not all(la.op.chain and ops.activation_op(la.activation).chain
+                          for la in layers):
         return False
     expected: list[int] = []
     for la in layers:

@@ -18,10 +18,9 @@ from ntrace.format.bits import unpack
 from ntrace.format.metadata import Sampling
 from ntrace.format.reader import open_trace
 from ntrace.format.validate import validate_trace
+from ntrace.ops.maxpool import winners
 from ntrace.record import record
-from ntrace.record.extract import maxpool_winners
 from ntrace.record.graph_jacobian import jacobian_forward, jacobians_reverse
-from ntrace.record.structure import StateModule
 
 from .graph_conformance import check_graph_trace
 
@@ -104,8 +103,7 @@ def test_reverse_forward_and_jacrev_agree(net: Residual) -> None:
 
 def test_maxpool_winners_match_the_maxima() -> None:
     x = torch.randn(2, 3, 6, 6)  # continuous values: no ties
-    m = StateModule("pool", nn.MaxPool2d(2), "maxpool", 0, (3, 6, 6))
-    win = maxpool_winners(m, x)
+    win = winners(nn.MaxPool2d(2), x)
     pooled = F.max_pool2d(x, 2)
     upsampled = pooled.repeat_interleave(2, 2).repeat_interleave(2, 3)
     assert torch.equal(win, x == upsampled)

@@ -1,0 +1,57 @@
+"""``nn.Dropout`` (and 1/2/3-d): the state of an input unit is 1 where it was kept. In eval
+mode dropout is the identity and nothing is recorded; extra forwards of the recorder replay the
+training call's mask (:meth:`Dropout.replay`) or run with dropout off (:func:`dropout_off`)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ntrace.ops.base import StateOp
+
+
+class Dropout(StateOp):
+    name: ClassVar[str] = "dropout"
+    label: ClassVar[str] = "Dropout"
+    modules = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+    @classmethod
+    def active(cls, module: nn.Module) -> bool:
+        return module.training
+
+    @classmethod
+    def states(cls, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (y != 0) | (x == 0)
+
+    @classmethod
+    def replay(cls, module: nn.Module, x: torch.Tensor, y: torch.Tensor
+               ) -> Callable[..., torch.Tensor] | None:
+        x, y = x.detach(), y.detach()
+        keep_scale = torch.where(x != 0, y / torch.where(x != 0, x, torch.ones_like(x)),
+                                 torch.zeros_like(x))
+
+        def hook(mod: nn.Module, a: Any, o: torch.Tensor) -> torch.Tensor:
+            return a[0] * keep_scale
+
+        return hook
+
+
+@contextlib.contextmanager
+def dropout_off(model: nn.Module) -> Iterator[None]:
+    """Dropout modules in eval mode (identity) and the RNG untouched, for extra forwards."""
+    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)
+             and m.training]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and any(
+        p.is_cuda for p in model.parameters()) else []
+    with torch.random.fork_rng(devices=devices):
+        for m in drops:
+            m.training = False
+        try:
+            yield
+        finally:
+            for m in drops:
+                m.training = True
