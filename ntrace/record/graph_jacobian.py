@@ -11,7 +11,8 @@ Jacobians are returned neurons-first like every other layer's.
 - *reverse mode*: one backward per output unit, batched (``is_grads_batched``) in chunks that
   fit ``max_bytes``; one pass serves every reverse-mode layer.
 - *forward mode*: one ``torch.func.jvp`` per tracked unit (neuron × position), vmapped in
-  chunks; cheaper when a layer has fewer tracked units than the network has outputs.
+  chunks (one by one where an op has no batching rule, like reverse mode); cheaper when a
+  layer has fewer tracked units than the network has outputs.
 Samples are independent (no batch-coupled modules), so one pass covers all samples at once.
 """
 
@@ -139,7 +140,10 @@ def jacobian_forward(run: Forward, layer: nn.Module, tracked: torch.Tensor, s: i
             t = tangents.reshape(len(u), s, *out_shape)
             if neuron_last:
                 t = t.movedim(2, -1)
-            res = tf.vmap(column)(t)  # (u, s, p)
+            try:
+                res = tf.vmap(column)(t)  # (u, s, p)
+            except RuntimeError:  # an op without a batching rule: one unit at a time
+                res = torch.stack([column(ti) for ti in t])
             p_out = res.shape[-1]
             cols.append(res)
     finally:

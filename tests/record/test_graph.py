@@ -101,6 +101,47 @@ def test_reverse_forward_and_jacrev_agree(net: Residual) -> None:
         torch.testing.assert_close(fwd.double(), ref, rtol=1e-9, atol=1e-12)
 
 
+class Cube(torch.autograd.Function):
+    """x³ with forward- and reverse-mode derivatives but no vmap rule."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+
+    @staticmethod
+    def jvp(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * t
+
+
+def test_both_modes_work_through_an_op_without_a_batching_rule() -> None:
+    """Forward mode falls back to one unit at a time where vmap cannot batch an op (an
+    unsupported module skipped by the policy), like reverse mode; both agree."""
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(4, 5).double(), nn.Linear(5, 3).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+
+    def run() -> torch.Tensor:
+        return lin2(Cube.apply(lin1(x)))
+
+    tracked = torch.tensor([0, 3])
+    rev = jacobians_reverse(run, {"l1": lin1}, {"l1": tracked}, max_bytes=1 << 20)["l1"]
+    fwd = jacobian_forward(run, lin1, tracked, 2, (5,), max_bytes=1 << 20)
+    torch.testing.assert_close(fwd, rev, rtol=1e-12, atol=1e-14)
+    expect = lin2.weight[None] * (3 * lin1(x) ** 2)[:, None, :]  # W₂ diag(3 a²)
+    torch.testing.assert_close(rev, expect[:, :, tracked].detach(), rtol=1e-12, atol=1e-14)
+
+
 def test_maxpool_winners_match_the_maxima() -> None:
     x = torch.randn(2, 3, 6, 6)  # continuous values: no ties
     win = winners(nn.MaxPool2d(2), x)
