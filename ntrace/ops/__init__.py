@@ -29,6 +29,7 @@ from ntrace.ops import (
     passthrough,
     prelu,
     relu,
+    rrelu,
 )
 from ntrace.ops.base import (
     ACTIVATION,
@@ -49,6 +50,7 @@ __all__ = ["ACTIVATION", "LAYER", "PASSTHROUGH", "STATE", "ActivationOp", "Layer
 OPS: tuple[type[Op], ...] = (
     linear.Linear, conv.Conv, conv_transpose.ConvTranspose, embedding.Embedding,
     identity.Identity, relu.ReLU, leaky_relu.LeakyReLU, prelu.PReLU, hardtanh.Hardtanh,
+    rrelu.RReLU,
     maxpool.MaxPool, dropout.Dropout,
     passthrough.Passthrough, passthrough.BatchNorm,
 )

@@ -82,8 +82,14 @@ def conv_out() -> nn.Sequential:
     return nn.Sequential(nn.Conv1d(2, 2, 3), nn.Flatten())
 
 
+def rrelu_model() -> nn.Sequential:
+    """Conv1d → RReLU in eval mode (recorded as leaky_relu, slope 0.15) → Linear."""
+    return nn.Sequential(nn.Conv1d(2, 3, 3), nn.RReLU(0.05, 0.25).eval(), nn.Flatten(),
+                         nn.Linear(9, 2))
+
+
 MODELS = {"convs_1d": convs_1d, "convs_2d": convs_2d, "convs_3d": convs_3d,
-          "embedding": embedding, "nll": nll_model, "conv_out": conv_out}
+          "embedding": embedding, "nll": nll_model, "conv_out": conv_out, "rrelu": rrelu_model}
 
 
 def conv_output_trace(path: Path, rounds: int = 8, S: int = 6) -> Path:

@@ -29,6 +29,7 @@ from ntrace.analyze.source import TaylorSource
 from ntrace.cli import main
 from ntrace.cli.analyze import analyze
 from ntrace.errors import UsageError
+from ntrace.format.metadata import Activation
 from ntrace.format.reader import open_trace
 from ntrace.plot import make_figures
 
@@ -43,6 +44,7 @@ from .kinds_data import (
     embedding_trace,
     nll_model,
     record_trace,
+    rrelu_model,
     tracked_mask,
 )
 
@@ -63,8 +65,9 @@ def conv_mse(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def traces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One small trace per model: 1-d conv and conv_transpose with groups and dilation
     (cross-entropy, 3 tracked neurons per layer), 2-d ones with a max-pool and 3-d ones
-    (MSE), an embedding (bce_with_logits, soft targets), a log-softmax classifier (nll) and a
-    conv layer that is the output (identity Jacobian)."""
+    (MSE), an embedding (bce_with_logits, soft targets), a log-softmax classifier (nll), a
+    conv layer that is the output (identity Jacobian) and a conv layer with an RReLU in eval
+    mode (MSE)."""
     d = tmp_path_factory.mktemp("kinds")
     torch.manual_seed(11)
     X1 = torch.randn(48, 2, 5)
@@ -84,6 +87,9 @@ def traces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["nll"] = record_trace(nll_model(), d / "n.zarr", "nll", Xn,
                               (Xn[:, 0, :2].sum(1) > 0).long() + (Xn[:, 0, 4] > 1).long(),
                               lr=0.2)
+    Xr = torch.randn(48, 2, 5)
+    out["rrelu"] = record_trace(rrelu_model(), d / "r.zarr", "mse", Xr,
+                                torch.stack([Xr[:, 0].mean(1), Xr[:, 1, 2] - Xr[:, 0, 4]], 1))
     return out
 
 
@@ -455,6 +461,20 @@ def test_cli_analyzes_the_wrapped_convnet_example(tmp_path: Path,
     ds = open_results(tmp_path / "an" / "results.zarr")
     assert (ds.layer_status.values == CONVERGED).all()  # every neuron tracked: all scales
     assert int(ds.network_status[-1]) == CONVERGED
+
+
+def test_an_rrelu_in_eval_mode_is_recorded_as_leaky_relu_and_analysed(
+        traces: dict[str, Path]) -> None:
+    """The activation the registry's RReLU op writes (leaky_relu, slope (lower + upper)/2): its
+    states are stored and the analysis runs on them (the Taylor losses and objectives of this
+    trace are checked against autograd in (b))."""
+    tr = open_trace(traces["rrelu"])
+    assert tr.layers["0"].activation == Activation("leaky_relu", 0.15)
+    assert tr.has("layers/0/mask")
+    ds = analyze_trace(traces["rrelu"], AnalysisOptions(checkpoints=3))
+    assert (ds.neuron_status.values == CONVERGED).all()
+    assert (ds.layer_status.values == CONVERGED).all()
+    assert np.isfinite(ds.neuron_regret.values).all()
 
 
 # -- (d) bce_with_logits and nll ---------------------------------------------------------

@@ -20,7 +20,7 @@ PKG = Path(ops.__file__).parent
 ACTIVATION_MODULES = {
     nn.ReLU: lambda: nn.ReLU(), nn.LeakyReLU: lambda: nn.LeakyReLU(0.15),
     nn.PReLU: lambda: nn.PReLU(5, 0.3), nn.Hardtanh: lambda: nn.Hardtanh(-0.4, 0.7),
-    nn.ReLU6: lambda: nn.ReLU6(),
+    nn.ReLU6: lambda: nn.ReLU6(), nn.RReLU: lambda: nn.RReLU(0.1, 0.3).eval(),
 }
 # a call of every layer module type: the module and an input batch
 LAYER_CALLS = {
