@@ -498,8 +498,8 @@ TARGETED = {
     "empty-chunk": (_empty_chunk, False, "layers/fc1/weight/c/0/0/0: chunk of 0 bytes is "
                                          "shorter than a blosc header (truncated)"),
     "wrong-size-chunk": (_wrong_size_chunk, False, "layers/fc1/bias/c/0/0: the chunk's blosc "
-                                                   "header declares 1536 decoded bytes, but a "
-                                                   "chunk of this array holds 512"),
+                                                   "header declares a decoded size other than "
+                                                   "the 512 bytes a chunk of this array holds"),
 }
 
 
