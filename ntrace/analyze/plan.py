@@ -129,6 +129,11 @@ def make_plan(trace: Trace, opts: AnalysisOptions) -> AnalysisPlan:
             f"{trace.path} holds 0 committed Taylor rounds, so there is nothing to analyse; "
             f"record more rounds (Taylor data is kept every {trace.attrs.sampling.taylor_every} "
             "rounds) or wait for the writer to commit one")
+    need = trace.rounds * 8  # the results hold every round's minibatch loss as float64
+    if need > opts.max_memory:
+        raise UsageError(f"{trace.path} commits {trace.rounds} rounds, whose per-round loss "
+                         f"takes {need >> 20} MiB, more than max_memory "
+                         f"({opts.max_memory >> 20} MiB); raise --max-memory")
     names = _pick_layers(trace, opts)
     if opts.neurons is not None and len(names) != 1:
         raise UsageError("a neuron index is ambiguous across layers: pass exactly one --layer "

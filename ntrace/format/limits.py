@@ -32,6 +32,7 @@ MAX_CHUNK_BYTES = 1 * GiB  # one decoded chunk (or shard), and one row: all axes
 # one row: readers decode a chunk whole, so a block read of fewer rows would decode it again
 MAX_SPAN_CHUNK_BYTES = 16 * MiB
 MAX_NAMES = 10_000  # layers and modules the root lists: each costs a group and its arrays
+MAX_RESULTS_BYTES = 4 * GiB  # an analysis results store, which is loaded whole
 MAX_ARRAY_BYTES = 4 * TiB  # shape × itemsize of one array
 MAX_STORED_OBJECT_BYTES = MAX_CHUNK_BYTES + 64 * MiB  # one stored key (a compressed chunk)
 MAX_ZIP_MEMBERS = 1_000_000
@@ -83,7 +84,12 @@ def _ints(data: object, minimum: int) -> list[int] | None:
 
 
 def itemsize(data_type: object) -> int:
-    return ITEMSIZE.get(data_type, 16) if isinstance(data_type, str) else 16
+    """Bytes per element; a fixed-length string type (results stores) says its own."""
+    if isinstance(data_type, str):
+        return ITEMSIZE.get(data_type, 16)
+    conf = data_type.get("configuration") if isinstance(data_type, dict) else None
+    n = conf.get("length_bytes") if isinstance(conf, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1 << 20 else 16
 
 
 @dataclass(frozen=True)
