@@ -14,6 +14,7 @@ from ntrace.analyze.kinds import LayerKind, layer_kind
 from ntrace.analyze.options import SCALES, AnalysisOptions, log_checkpoints
 from ntrace.errors import EmptyTraceError, UsageError
 from ntrace.format.reader import Trace
+from ntrace.format.summary import human_bytes
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,8 @@ def make_plan(trace: Trace, opts: AnalysisOptions) -> AnalysisPlan:
     need = trace.rounds * 8  # the results hold every round's minibatch loss as float64
     if need > opts.max_memory:
         raise UsageError(f"{trace.path} commits {trace.rounds} rounds, whose per-round loss "
-                         f"takes {need >> 20} MiB, more than max_memory "
-                         f"({opts.max_memory >> 20} MiB); raise --max-memory")
+                         f"takes {human_bytes(need)}, more than max_memory "
+                         f"({human_bytes(opts.max_memory)}); raise --max-memory")
     names = _pick_layers(trace, opts)
     if opts.neurons is not None and len(names) != 1:
         raise UsageError("a neuron index is ambiguous across layers: pass exactly one --layer "

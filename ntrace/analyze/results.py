@@ -111,7 +111,7 @@ def open_results(path: str | os.PathLike[str]) -> xr.Dataset:
     loc = resolve_location(p)  # the trace readers' guarded store: files inside, limits
     try:
         with cancel_on_error():
-            ds = xr.open_zarr(loc.store, consolidated=False, zarr_format=3)
+            ds = xr.open_zarr(loc.store, consolidated=False, zarr_format=3, chunks=None)
             if ds.nbytes > MAX_RESULTS_BYTES:
                 raise InvalidTraceError(f"{p}: its arrays declare {ds.nbytes} bytes, more than "
                                         f"the {MAX_RESULTS_BYTES >> 30} GiB ntrace loads of a "

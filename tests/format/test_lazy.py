@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import xarray as xr
+
 from ntrace.format.files import TraceDirStore
 from ntrace.format.metadata import FORMAT_VERSION
 from ntrace.format.reader import open_trace
