@@ -7,12 +7,15 @@ import ast
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import textwrap
 import tracemalloc
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -249,8 +252,11 @@ def test_zip_members_declaring_huge_sizes_are_refused(tmp_path: Path) -> None:
 
 def test_the_limits_documented_are_the_limits_enforced() -> None:
     text = (REPO / "spec" / "security.md").read_text()
-    for value in ("1 MiB", "16 MiB", "1 GiB", "4 TiB", "64 levels", "32 dimensions"):
+    for value in ("1 MiB", "16 MiB", "1 GiB", "4 TiB", "64 levels", "32 dimensions",
+                  "spanning more than one row | 16 MiB", "10,000", "4 GiB declared"):
         assert value in text, value
+    assert limits.MAX_SPAN_CHUNK_BYTES == 16 << 20 and limits.MAX_NAMES == 10_000
+    assert limits.MAX_RESULTS_BYTES == 4 << 30
     assert limits.MAX_NODE_DOCUMENT_BYTES == 1 << 20
     assert limits.MAX_ROOT_DOCUMENT_BYTES == 16 << 20
     assert limits.MAX_CHUNK_BYTES == 1 << 30 and limits.MAX_ARRAY_BYTES == 4 << 40
@@ -348,8 +354,24 @@ def test_a_key_whose_document_is_a_link_or_fifo_is_refused_on_open(tmp_path: Pat
         open_trace(t)
     (t / "layers/fc1/zarr.json").unlink()
     os.mkfifo(t / "layers/fc1/zarr.json")
-    with pytest.raises(InvalidTraceError, match="layers/fc1/zarr.json: a FIFO"):
-        open_trace(t)  # opened non-blocking and refused: no hang
+    with _deadline(60), pytest.raises(InvalidTraceError, match="layers/fc1/zarr.json: a FIFO"):
+        open_trace(t)  # refused before it is opened: no hang
+
+
+@contextmanager
+def _deadline(seconds: int) -> Iterator[None]:
+    """Fail with ``TimeoutError`` instead of hanging (a reader blocked on a FIFO)."""
+
+    def alarm(*args: Any) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 # Hostile traces whose reading used to hang or exhaust memory run in a child process with an
