@@ -17,6 +17,7 @@ from ntrace.analyze.plan import AnalysisPlan
 from ntrace.analyze.regret import cumulative_loss, fit_exponent, regret, resolution
 from ntrace.analyze.results import NODE, RESULTS_VERSION, over_sqrt, var
 from ntrace.analyze.solve import NOT_SOLVED, STATUS_NAMES
+from ntrace.analyze.source import read_float64
 from ntrace.format.reader import Trace
 
 DOMAIN_TEXT = {
@@ -116,7 +117,7 @@ def build_dataset(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions, hs: H
     v["cumulative_loss"] = var("checkpoint", cum, "sum_{t<N} TL_t(W_t)")
     v["cumulative_loss_over_sqrt_n"] = var("checkpoint", over_sqrt(cum, counts),
                                            "cumulative loss / sqrt(N)")
-    v["minibatch_loss"] = var("round", trace.read("loss").astype(np.float64),
+    v["minibatch_loss"] = var("round", read_float64(trace, "loss", opts.block_bytes),
                               "loss of the whole minibatch at every round (not comparable "
                               "with Taylor losses when S < batch size)")
     # neuron scale

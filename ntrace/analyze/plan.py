@@ -13,6 +13,7 @@ import numpy as np
 from ntrace.analyze.options import SCALES, AnalysisOptions, log_checkpoints
 from ntrace.errors import EmptyTraceError, UsageError
 from ntrace.format.reader import Trace
+from ntrace.format.summary import human_bytes
 from ntrace.ops import LayerOp, layer_op
 
 
@@ -129,6 +130,11 @@ def make_plan(trace: Trace, opts: AnalysisOptions) -> AnalysisPlan:
             f"{trace.path} holds 0 committed Taylor rounds, so there is nothing to analyse; "
             f"record more rounds (Taylor data is kept every {trace.attrs.sampling.taylor_every} "
             "rounds) or wait for the writer to commit one")
+    need = trace.rounds * 8  # the results hold every round's minibatch loss as float64
+    if need > opts.max_memory:
+        raise UsageError(f"{trace.path} commits {trace.rounds} rounds, whose per-round loss "
+                         f"takes {human_bytes(need)}, more than max_memory "
+                         f"({human_bytes(opts.max_memory)}); raise --max-memory")
     names = _pick_layers(trace, opts)
     if opts.neurons is not None and len(names) != 1:
         raise UsageError("a neuron index is ambiguous across layers: pass exactly one --layer "

@@ -19,10 +19,15 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from zarr.codecs import BloscCodec
 
-from ntrace.errors import InvalidTraceError, TraceNotFoundError, UsageError
+from ntrace.errors import InvalidTraceError, NtraceError, TraceNotFoundError, UsageError
+from ntrace.format.limits import MAX_RESULTS_BYTES
+from ntrace.format.safe import cancel_on_error, one_line
+from ntrace.format.store import resolve_location, root_document
 
 RESULTS_VERSION = "1.0"
+CHUNK_BYTES = 2 << 20
 NODE = "analysis"
 
 
@@ -48,17 +53,10 @@ def _inside(child: Path, parent: Path) -> bool:
 
 def is_results_store(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` holds an analysis results store written by ntrace."""
-    meta = Path(path) / "zarr.json"
-    if not meta.is_file():
-        return False
-    import json
-
-    try:
-        doc = json.loads(meta.read_text())
-    except (OSError, ValueError):
-        return False
-    attrs = doc.get("attributes") or {}
-    return isinstance(attrs.get("ntrace"), dict) and attrs["ntrace"].get("node") == NODE
+    doc = root_document(path)  # read as a trace's: a regular file inside, bounded
+    attrs = doc.get("attributes") if doc is not None else None
+    return isinstance(attrs, dict) and isinstance(attrs.get("ntrace"), dict) and \
+        attrs["ntrace"].get("node") == NODE
 
 
 def check_output(path: str | os.PathLike[str], trace_path: str | os.PathLike[str]) -> None:
@@ -84,8 +82,21 @@ def write_results(ds: xr.Dataset, path: str | os.PathLike[str],
         shutil.rmtree(p)
     if not p.parent.exists():
         raise UsageError(f"cannot write results {p}: directory {p.parent} does not exist")
-    ds.to_zarr(p, mode="w-", zarr_format=3, consolidated=False)
+    ds.to_zarr(p, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
     return p
+
+
+def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
+    """Core-spec codecs and chunks of about ``CHUNK_BYTES`` along the first axis, so that the
+    guarded store that reads traces reads results within its limits (spec/security.md)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, v in ds.variables.items():
+        enc: dict[str, Any] = {"compressors": [BloscCodec(cname="zstd", clevel=3)]}
+        if v.ndim:
+            row = max(1, int(np.prod(v.shape[1:])) * v.dtype.itemsize)
+            enc["chunks"] = (max(1, min(v.shape[0], CHUNK_BYTES // row)), *v.shape[1:])
+        out[str(name)] = enc
+    return out
 
 
 def open_results(path: str | os.PathLike[str]) -> xr.Dataset:
@@ -97,7 +108,22 @@ def open_results(path: str | os.PathLike[str]) -> xr.Dataset:
     if not is_results_store(p):
         raise InvalidTraceError(f"{p} is not an ntrace results store (no 'ntrace' attribute "
                                 f"with node '{NODE}'); run 'ntrace analyze' to make one")
-    ds = xr.open_zarr(p, consolidated=False, zarr_format=3).load()
+    loc = resolve_location(p)  # the trace readers' guarded store: files inside, limits
+    try:
+        with cancel_on_error():
+            ds = xr.open_zarr(loc.store, consolidated=False, zarr_format=3, chunks=None)
+            if ds.nbytes > MAX_RESULTS_BYTES:
+                raise InvalidTraceError(f"{p}: its arrays declare {ds.nbytes} bytes, more than "
+                                        f"the {MAX_RESULTS_BYTES >> 30} GiB ntrace loads of a "
+                                        "results store (spec/security.md)")
+            ds = ds.load()
+    except NtraceError:
+        raise
+    except Exception as exc:  # zarr and xarray raise many kinds for a damaged store
+        raise InvalidTraceError(f"{p}: unreadable results store ({one_line(exc)}); re-run "
+                                "'ntrace analyze'") from exc
+    finally:
+        loc.close()
     version = str(ds.attrs["ntrace"].get("results_version", "0"))
     if version.split(".")[0] != RESULTS_VERSION.split(".")[0]:
         raise InvalidTraceError(f"{p}: results version {version} is not readable by this "

@@ -107,6 +107,15 @@ class RoundBlock:
     layers: dict[str, LayerBlock]
 
 
+def read_float64(trace: Trace, path: str, block_bytes: int) -> np.ndarray:
+    """Every committed row of ``path`` as float64, read in chunk-aligned blocks straight into
+    the result (no float32 copy of the whole array; ``make_plan`` bounds its size)."""
+    out = np.empty((trace.length(path) or 0, *trace.layouts[path].tail), np.float64)
+    for start, block in trace.blocks(path, block_bytes):
+        out[start:start + len(block)] = block
+    return out
+
+
 def _augment(x: np.ndarray, bias: bool) -> np.ndarray:
     if not bias:
         return x

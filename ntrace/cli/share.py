@@ -34,6 +34,8 @@ def pack(trace: str, out: str, overwrite: bool, deep: bool) -> None:
     click.echo(f"packed {trace} → {result.path}: {result.objects} objects, "
                f"{human_bytes(result.bytes)}, format {result.format_version}, {c['rounds']} "
                f"rounds, {c['taylor_rounds']} Taylor rounds, {c['snapshots']} snapshots{note}")
+    click.echo(f"manifest sha256 {result.manifest_sha256} (share it apart from the file; "
+               "`ntrace verify --digest` checks it)")
     if result.skipped:
         more = f" and {len(result.skipped) - 3} more" if len(result.skipped) > 3 else ""
         click.echo(f"left out {len(result.skipped)} stray file(s) that belong to no node: "
@@ -42,10 +44,13 @@ def pack(trace: str, out: str, overwrite: bool, deep: bool) -> None:
 
 @click.command(short_help="Check every checksum of a packed trace.")
 @click.argument("archive", type=click.Path())
+@click.option("--digest", metavar="HEX", default=None,
+              help="the manifest's SHA-256 printed by `ntrace pack`: pins the whole archive")
 @handle_errors
-def verify(archive: str) -> None:
+def verify(archive: str, digest: str | None) -> None:
     """Check every member of ARCHIVE (made by `ntrace pack`) against the SHA-256 in its
-    manifest; exit 1 listing every mismatch."""
+    manifest; exit 1 listing every mismatch. This catches accidents, not tampering: with
+    --digest (obtained from the packer, not from the archive) it catches that too."""
     from rich.progress import Progress
 
     from ntrace.format.pack import verify_pack
@@ -54,12 +59,13 @@ def verify(archive: str) -> None:
     with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
         job = bar.add_task("verifying", total=None)
         report = verify_pack(archive, progress=lambda done, total: bar.update(
-            job, completed=done, total=total))
+            job, completed=done, total=total), digest=digest)
     if report.ok:
         m = report.manifest or {}
         c = m.get("commit") or {}
         click.echo(f"verified: {archive}: {report.objects} objects match their SHA-256 "
                    f"(format {m.get('format_version')}, {c.get('rounds')} rounds, status "
-                   f"{m.get('status')})")
+                   f"{m.get('status')})" + ("; the manifest matches the pinned digest"
+                                            if digest else ""))
         return
     fail_with_reasons("corrupt", archive, list(report.reasons))

@@ -15,10 +15,11 @@ import stat
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ntrace.errors import InvalidTraceError
+from ntrace.format.layout import APPEND_DIMS
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
@@ -27,6 +28,11 @@ MAX_ROOT_DOCUMENT_BYTES = 16 * MiB  # the root zarr.json, which may hold consoli
 MAX_JSON_DEPTH = 64  # nesting of objects and lists in a metadata document
 MAX_DIMENSIONS = 32
 MAX_CHUNK_BYTES = 1 * GiB  # one decoded chunk (or shard), and one row: all axes but the first
+# a chunk of an append array (first axis round, taylor_round or snapshot) that spans more than
+# one row: readers decode a chunk whole, so a block read of fewer rows would decode it again
+MAX_SPAN_CHUNK_BYTES = 16 * MiB
+MAX_NAMES = 10_000  # layers and modules the root lists: each costs a group and its arrays
+MAX_RESULTS_BYTES = 4 * GiB  # an analysis results store, which is loaded whole
 MAX_ARRAY_BYTES = 4 * TiB  # shape × itemsize of one array
 MAX_STORED_OBJECT_BYTES = MAX_CHUNK_BYTES + 64 * MiB  # one stored key (a compressed chunk)
 MAX_ZIP_MEMBERS = 1_000_000
@@ -78,16 +84,39 @@ def _ints(data: object, minimum: int) -> list[int] | None:
 
 
 def itemsize(data_type: object) -> int:
-    return ITEMSIZE.get(data_type, 16) if isinstance(data_type, str) else 16
+    """Bytes per element; a fixed-length string type (results stores) says its own."""
+    if isinstance(data_type, str):
+        return ITEMSIZE.get(data_type, 16)
+    conf = data_type.get("configuration") if isinstance(data_type, dict) else None
+    n = conf.get("length_bytes") if isinstance(conf, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1 << 20 else 16
 
 
 @dataclass(frozen=True)
 class ChunkSpec:
     """What a stored chunk of one array must decode to: ``nbytes`` bytes, and which
-    bytes-to-bytes codec comes first after ``bytes`` (``None`` when there is none)."""
+    bytes-to-bytes codec comes first after ``bytes`` (``None`` when there is none); ``rows``
+    is the chunk's extent along the first axis and ``separator`` that of its chunk keys
+    (``c/0/1`` or ``c.0.1``; ``v2`` keys have no ``c`` prefix), to tell which rows a chunk
+    key holds."""
 
     nbytes: int
     first_compressor: str | None
+    rows: int = 1
+    separator: str = "/"
+    v2: bool = False
+
+    def first_index(self, rest: str) -> int | None:
+        """Index along the first axis of the chunk key ``rest`` (the key below the array),
+        None when ``rest`` is no chunk key of this array."""
+        if not self.v2:
+            if rest == "c":
+                return 0
+            if not rest.startswith("c" + self.separator):
+                return None
+            rest = rest[2:]
+        head = rest.split(self.separator, 1)[0]
+        return int(head) if head.isdigit() else None
 
 
 def check_array_document(key: str, doc: Mapping[str, Any]) -> ChunkSpec | None:
@@ -97,6 +126,9 @@ def check_array_document(key: str, doc: Mapping[str, Any]) -> ChunkSpec | None:
     ``None`` when the grid is not a plain regular grid (zarr then refuses or handles it).
     """
     _check_codecs(key, doc)
+    if doc.get("storage_transformers") not in (None, []):
+        raise _fail(key, f"storage_transformers {_short(doc.get('storage_transformers'))}: "
+                         "ntrace reads no storage transformers (spec/security.md)")
     shape = _ints(doc.get("shape"), 0)
     if shape is None:
         raise _fail(key, f"'shape' must be a list of at most {MAX_DIMENSIONS} non-negative "
@@ -115,7 +147,20 @@ def check_array_document(key: str, doc: Mapping[str, Any]) -> ChunkSpec | None:
     chunks = _ints(config.get("chunk_shape") if isinstance(config, dict) else None, 1)
     if chunks is None:
         return None
-    spec = ChunkSpec(_check_chunk_shape(key, chunks, size), None)
+    nbytes = _check_chunk_shape(key, chunks, size)
+    dims = doc.get("dimension_names")
+    if isinstance(dims, list) and dims and dims[0] in APPEND_DIMS and chunks and chunks[0] > 1 \
+            and nbytes > MAX_SPAN_CHUNK_BYTES:
+        raise _fail(key, f"chunk shape {chunks} spans {chunks[0]} rows of {dims[0]!r} in "
+                         f"{nbytes} bytes, more than the {MAX_SPAN_CHUNK_BYTES >> 20} MiB a "
+                         "chunk of several rows may hold (readers would decode it once per "
+                         "block of rows; spec/security.md)")
+    encoding = doc.get("chunk_key_encoding")
+    name = encoding.get("name") if isinstance(encoding, dict) else None
+    conf = encoding.get("configuration") if isinstance(encoding, dict) else None
+    sep = conf.get("separator") if isinstance(conf, dict) else None
+    sep = sep if sep in ("/", ".") else ("." if name == "v2" else "/")
+    spec = ChunkSpec(nbytes, None, chunks[0] if chunks else 1, sep, name == "v2")
     codecs = doc.get("codecs")
     if not isinstance(codecs, list):
         return spec
@@ -126,11 +171,11 @@ def check_array_document(key: str, doc: Mapping[str, Any]) -> ChunkSpec | None:
             inner_shape = _ints(inner.get("chunk_shape") if isinstance(inner, dict) else None, 1)
             if inner_shape is not None:
                 _check_chunk_shape(key, inner_shape, size)
-            return ChunkSpec(spec.nbytes, "sharding_indexed")
+            return replace(spec, first_compressor="sharding_indexed")
     if "bytes" in names:
         after = names[names.index("bytes") + 1:]  # the first bytes-to-bytes codec, if any
         if after and isinstance(after[0], str):
-            return ChunkSpec(spec.nbytes, after[0])
+            return replace(spec, first_compressor=after[0])
     return spec
 
 
@@ -194,9 +239,10 @@ def check_chunk(key: str, data: bytes | memoryview, spec: ChunkSpec) -> None:
             raise _fail(key, f"chunk of {len(data)} bytes is shorter than a blosc header "
                              "(truncated)")
         declared = int.from_bytes(bytes(data[4:8]), "little")
-        if declared != spec.nbytes:
-            raise _fail(key, f"the chunk's blosc header declares {declared} decoded bytes, but "
-                             f"a chunk of this array holds {spec.nbytes} (corrupt or forged)")
+        if declared != spec.nbytes:  # the message never echoes the stored bytes
+            raise _fail(key, f"the chunk's blosc header declares a decoded size other than the "
+                             f"{spec.nbytes} bytes a chunk of this array holds (corrupt or "
+                             "forged)")
 
 
 def check_zip_members(infos: Iterable[zipfile.ZipInfo], where: str) -> None:

@@ -11,14 +11,18 @@ the normative description.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import signal
 import struct
+import threading
 import uuid
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +45,8 @@ BLOCK = 1 << 20
 @dataclass
 class PackResult:
     """What ``pack_trace`` wrote: ``objects`` members besides the manifest, ``skipped`` keys of
-    the source that belong to no node (stray files), ``bytes`` the archive size."""
+    the source that belong to no node (stray files), ``bytes`` the archive size,
+    ``manifest_sha256`` the digest of the manifest member (pin it: ``verify --digest``)."""
 
     path: Path
     objects: int
@@ -50,6 +55,7 @@ class PackResult:
     status: str
     commit: dict[str, int]
     skipped: list[str] = field(default_factory=list)
+    manifest_sha256: str = ""
 
 
 @dataclass
@@ -138,16 +144,65 @@ def pack_trace(trace: str | os.PathLike[str], out: str | os.PathLike[str], *,
         root_doc = store.documents.get(limits.DOCUMENT)  # the version whose commit we read
         if root_doc is None:
             raise InvalidTraceError(f"{loc}: the root zarr.json was not read")
-        tmp = out_path.parent / f".{out_path.name}.{uuid.uuid4().hex[:12]}{PARTIAL}"
+        remove_stale_partials(out_path)
+        tmp = out_path.parent / f".{out_path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{PARTIAL}"
         try:
-            result = _write(store, root_doc, attrs, tmp, out_path, progress)
-            os.replace(tmp, out_path)
+            with _terminate_as_exit():
+                result = _write(store, root_doc, attrs, tmp, out_path, progress)
+                os.replace(tmp, out_path)
         finally:
             tmp.unlink(missing_ok=True)
         result.bytes = out_path.stat().st_size
         return result
     finally:
         loc.close()
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Delete the temporary ``.<name>.<pid>.<random>.partial`` files that packs of ``out``
+    killed beyond any cleanup (SIGKILL, power loss) left next to it: those whose process is
+    gone. Returns the files removed."""
+    removed = []
+    for f in out.parent.glob(f".{glob.escape(out.name)}.*{PARTIAL}"):
+        pid = f.name[len(out.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and not f.is_symlink() and f.is_file():
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+@contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """While packing in the main thread, SIGTERM (and SIGHUP) raise ``SystemExit`` instead of
+    ending the process on the spot, so the temporary archive is removed on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    old = {n: signal.getsignal(getattr(signal, n)) for n in names}
+    for n in names:
+        if old[n] in (signal.SIG_DFL, None):
+            signal.signal(getattr(signal, n), stop)
+    try:
+        yield
+    finally:
+        for n in names:
+            if old[n] in (signal.SIG_DFL, None):
+                signal.signal(getattr(signal, n), old[n] or signal.SIG_DFL)
 
 
 def _list_keys(store: Any) -> list[str]:
@@ -200,12 +255,12 @@ def _write(store: Any, root_doc: dict[str, Any], attrs: Any, tmp: Path, out: Pat
                 progress(len(objects), total)
 
         for path, doc in sorted(nodes.items()):
-            put(f"{path}/{limits.DOCUMENT}", _dumps(doc))
+            put(f"{path}/{limits.DOCUMENT}", _dumps(doc, f"{path}/{limits.DOCUMENT}"))
         for key in chunks:
             data = _get(store, key)
             if data is not None:  # a chunk past the commit removed meanwhile by a live writer
                 put(key, data)
-        put(limits.DOCUMENT, _dumps(top))
+        put(limits.DOCUMENT, _dumps(top, limits.DOCUMENT))
         ntrace = root_doc.get("attributes", {}).get(ATTR_KEY, {})
         manifest = {
             "ntrace_manifest": MANIFEST_VERSION,
@@ -217,13 +272,21 @@ def _write(store: Any, root_doc: dict[str, Any], attrs: Any, tmp: Path, out: Pat
             "algorithm": "sha256",
             "objects": objects,
         }
-        zf.writestr(_member(MANIFEST), _dumps(manifest))
+        raw = _dumps(manifest, MANIFEST)
+        zf.writestr(_member(MANIFEST), raw)
     return PackResult(out, len(objects), 0, attrs.format_version, attrs.status,
-                      attrs.commit.to_dict(), skipped)
+                      attrs.commit.to_dict(), skipped, _sha256(raw))
 
 
-def _dumps(doc: Any) -> bytes:
-    return json.dumps(doc, indent=2, allow_nan=False).encode()
+def _dumps(doc: Any, key: str) -> bytes:
+    """Standard JSON only: a document holding NaN or Infinity (which Python's parser accepts
+    but JSON does not) is refused, since other readers of the archive would fail on it."""
+    try:
+        return json.dumps(doc, indent=2, allow_nan=False).encode()
+    except ValueError:
+        raise InvalidTraceError(f"{key}: holds NaN or Infinity, which JSON does not allow; "
+                                "ntrace pack writes standard JSON only (store such values as "
+                                "strings, as Zarr does for fill values)") from None
 
 
 def _version() -> str:
@@ -234,10 +297,18 @@ def _version() -> str:
 
 # -- verifying -------------------------------------------------------------------------------
 def verify_pack(path: str | os.PathLike[str],
-                progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+                progress: Callable[[int, int], None] | None = None,
+                digest: str | None = None) -> VerifyReport:
     """Check every member of a packed trace against its manifest entry (size and SHA-256),
-    that no member is missing or unlisted, and that the manifest describes the root."""
+    that no member is missing or unlisted, and that the manifest describes the root. This
+    finds accidents (a truncated download, a flipped bit), not tampering: whoever edits a
+    member can rewrite the manifest too. ``digest`` pins the manifest: the SHA-256 that
+    ``ntrace pack`` printed, obtained from someone you trust; then no member can change."""
     report = VerifyReport(str(path))
+    if digest is not None and not (len(digest) == 64 and all(
+            c in "0123456789abcdef" for c in digest.lower())):
+        raise UsageError(f"--digest must be 64 hexadecimal digits (a SHA-256), found "
+                         f"{digest!r}")
     p = Path(path)
     if not p.exists():
         from ntrace.errors import TraceNotFoundError
@@ -253,7 +324,8 @@ def verify_pack(path: str | os.PathLike[str],
             except InvalidTraceError as exc:
                 report.reasons.append(str(exc))
                 return report
-            _verify(zf, {i.filename: i for i in infos}, report, progress)
+            _verify(zf, {i.filename: i for i in infos}, report, progress,
+                    None if digest is None else digest.lower())
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, struct.error,
             NotImplementedError) as exc:
         report.reasons.append(f"{p}: not a readable zip archive ({one_line(exc)})")
@@ -266,7 +338,7 @@ def _read_member(zf: zipfile.ZipFile, name: str) -> bytes:
 
 
 def _verify(zf: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], report: VerifyReport,
-            progress: Callable[[int, int], None] | None) -> None:
+            progress: Callable[[int, int], None] | None, digest: str | None) -> None:
     r = report.reasons
     if MANIFEST not in infos:
         r.append(f"no {MANIFEST}: this zip was not made by `ntrace pack` (nothing to verify "
@@ -276,9 +348,18 @@ def _verify(zf: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], report: Veri
         r.append(f"{MANIFEST}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; refusing to read it")
         return
     try:
-        manifest = json.loads(_read_member(zf, MANIFEST))
-    except (ValueError, RecursionError, zipfile.BadZipFile, EOFError, NotImplementedError,
-            RuntimeError, zlib.error) as exc:
+        raw = _read_member(zf, MANIFEST)
+    except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, zlib.error,
+            ValueError) as exc:
+        r.append(f"{MANIFEST}: unreadable member ({one_line(exc)})")
+        return
+    if digest is not None and _sha256(raw) != digest:
+        r.append(f"{MANIFEST}: sha256 {_sha256(raw)[:16]}… differs from the pinned digest "
+                 f"{digest[:16]}… (this is not the archive that was packed)")
+        return
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
         r.append(f"{MANIFEST}: not a valid JSON document ({one_line(exc)})")
         return
     if not isinstance(manifest, dict):

@@ -7,8 +7,9 @@ a trace that is still being written, or whose writer died, reads consistently.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 
 from ntrace.errors import InvalidTraceError, NtraceError
 from ntrace.format import layout as L
+from ntrace.format import limits
 from ntrace.format.checks import check_documents
 from ntrace.format.metadata import (
     LayerAttrs,
@@ -28,7 +30,7 @@ from ntrace.format.metadata import (
     parse_format_version,
     parse_str,
 )
-from ntrace.format.safe import unreadable
+from ntrace.format.safe import GuardedStore, cancel_on_error, unreadable
 from ntrace.format.store import Location, open_location, stored_bytes
 
 GROUP_NODES = {"taylor": "taylor", "layers": "layers"}  # group path → node kind
@@ -80,15 +82,46 @@ class Trace:
         """Read committed rows of an array (all committed rows when ``rows`` is None); a chunk
         that does not decode raises ``InvalidTraceError`` naming the array and rows."""
         try:
-            return self._read(path, rows)
+            with cancel_on_error():
+                return self._read(path, rows)
         except (NtraceError, IndexError, MemoryError):
             raise
         except Exception as exc:  # a checksum mismatch, a truncated or undecodable chunk
             raise unreadable(path, rows, exc) from exc
 
+    def length(self, path: str) -> int | None:
+        """Rows a reader may use along the first axis of ``path``: the committed count of an
+        append array, the whole first axis of a fixed one (None for a 0-d array)."""
+        n = self.committed(self.layouts[path].append_dim)
+        if n is None:
+            tail = self.layouts[path].tail
+            return tail[0] if tail else None
+        return n
+
+    def blocks(self, path: str, budget: int, start: int = 0, stop: int | None = None
+               ) -> Iterator[tuple[int, np.ndarray]]:
+        """Rows ``[start, stop)`` of ``path`` as (first row, block) pairs: blocks of about
+        ``budget`` bytes whose edges fall on chunk edges, so that each chunk is decoded once,
+        and at least one chunk each (chunks spanning several rows hold at most
+        ``limits.MAX_SPAN_CHUNK_BYTES``; a fixed array's chunk at most ``MAX_CHUNK_BYTES``)."""
+        n = self.length(path)
+        if n is None:
+            yield 0, self.read(path)
+            return
+        stop = n if stop is None else min(stop, n)
+        arr = self.zarr_array(path)
+        row = max(1, math.prod(arr.shape[1:]) * arr.dtype.itemsize)
+        chunk = max(1, int(arr.chunks[0]) if arr.chunks else 1)
+        size = max(1, budget // (row * chunk)) * chunk
+        a = start
+        while a < stop:
+            b = min(stop, (a // chunk) * chunk + size)
+            yield a, self.read(path, slice(a, b))
+            a = b
+
     def _read(self, path: str, rows: slice | int | np.ndarray | None) -> np.ndarray:
         arr = self.zarr_array(path)
-        n = self.committed(self.layouts[path].append_dim)
+        n = self.length(path)
         if n is None:
             return np.asarray(arr[...])
         if rows is None:
@@ -199,6 +232,10 @@ def load_structure(root: Any, where: str) -> tuple[TraceAttrs, dict[str, LayerAt
     (empty for a conforming trace). Raises only when the root document itself is unusable.
     """
     attrs = TraceAttrs.from_dict(node_attrs(root.attrs.asdict(), f"{where}: root group"))
+    names = len(attrs.layers) + len(attrs.modules)
+    if names > limits.MAX_NAMES:
+        raise InvalidTraceError(f"{where}: the root lists {names} layers and modules, more "
+                                f"than the {limits.MAX_NAMES} ntrace reads (spec/security.md)")
     reasons: list[str] = []
     layers: dict[str, LayerAttrs] = {}
     tracked_counts: dict[str, int] = {}
@@ -244,7 +281,19 @@ def load_structure(root: Any, where: str) -> tuple[TraceAttrs, dict[str, LayerAt
     reasons += check_nodes(root, attrs, layers, probe_units)
     reasons += _check_arrays(root, attrs, layouts)
     reasons += check_documents(root.store, attrs, layouts)
+    expect_chunks(root.store, attrs, layouts)
     return attrs, layers, probe_units, layouts, reasons
+
+
+def expect_chunks(store: Any, attrs: TraceAttrs, layouts: Mapping[str, L.ArrayLayout]) -> None:
+    """Tell the store which rows of each array must be stored: the committed rows of an
+    append array, every row of a fixed one (a missing chunk there is an error)."""
+    if not isinstance(store, GuardedStore):
+        return
+    for path, lay in layouts.items():
+        n = getattr(attrs.commit, L.COMMIT_FIELD[lay.append_dim]) if lay.append_dim else (
+            lay.tail[0] if lay.tail else 1)
+        store.expect_rows(path, n)
 
 
 def check_nodes(root: Any, attrs: TraceAttrs, layers: Mapping[str, LayerAttrs],

@@ -12,18 +12,22 @@ does the same for chunk data.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import weakref
 import zipfile
 import zlib
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.abc.store import RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
-from zarr.storage import LocalStore, WrapperStore
+from zarr.storage import WrapperStore
 
 from ntrace.errors import InvalidTraceError, NtraceError
 from ntrace.format import limits
@@ -33,9 +37,14 @@ MANIFEST = "ntrace-manifest.json"  # written by ``ntrace pack``; not a node of t
 MESSAGE_LIMIT = 300
 
 
+_BYTES = re.compile(r"""\bb(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+
+
 def one_line(exc: BaseException) -> str:
-    """``Type: message`` on one line, at most ``MESSAGE_LIMIT`` characters."""
-    text = " ".join(str(exc).split())
+    """``Type: message`` on one line, at most ``MESSAGE_LIMIT`` characters; ``bytes``
+    literals (a codec quoting stored bytes, e.g. checksums) are elided, so that no message
+    echoes what a file holds."""
+    text = " ".join(_BYTES.sub("b'…'", str(exc)).split())
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
 
@@ -87,10 +96,11 @@ class GuardedStore(WrapperStore[Any]):
         self.where = where or str(store)
         self.documents: dict[str, dict[str, Any]] = {}
         self._arrays: dict[str, limits.ChunkSpec] = {}
+        self._expected: dict[str, int] = {}
 
     def _with_store(self, store: Any) -> GuardedStore:
         new = type(self)(store, self.where)
-        new.documents, new._arrays = self.documents, self._arrays
+        new.documents, new._arrays, new._expected = self.documents, self._arrays, self._expected
         return new
 
     def __str__(self) -> str:
@@ -108,14 +118,18 @@ class GuardedStore(WrapperStore[Any]):
         if name == limits.DOCUMENT and byte_range is None:
             return await self._get_document(key, prototype)
         if byte_range is not None:
-            return await self._inner_get(key, prototype, byte_range)
-        buf = await self._bounded_get(key, prototype, limits.MAX_STORED_OBJECT_BYTES,
-                                      "stored object")
-        if buf is not None:
+            buf = await self._inner_get(key, prototype, byte_range)
+        else:
+            buf = await self._bounded_get(key, prototype, limits.MAX_STORED_OBJECT_BYTES,
+                                          "stored object")
+        if buf is None:
+            self._check_missing(key)
+            return None
+        if byte_range is None:
             spec = self._spec_for(key)
-            if spec is not None or len(buf) > limits.MAX_STORED_OBJECT_BYTES:
+            if spec is not None:
                 view = memoryview(np.ascontiguousarray(buf.as_numpy_array()).data)  # no copy
-                limits.check_chunk(key, view, spec or limits.ChunkSpec(0, None))
+                limits.check_chunk(key, view, spec)
         return buf
 
     async def _get_document(self, key: str, prototype: Any) -> Any:
@@ -135,19 +149,11 @@ class GuardedStore(WrapperStore[Any]):
         return buf
 
     async def _bounded_get(self, key: str, prototype: Any, limit: int, what: str) -> Any:
-        """``key``, refused if larger than ``limit``: a local file's size is checked first (a
-        ranged read would allocate the whole range), other stores get a ranged request of
-        ``limit + 1`` bytes."""
-        if isinstance(self._store, LocalStore):
-            try:
-                size = (Path(self._store.root) / key).stat().st_size
-            except OSError:
-                size = 0  # missing: the store answers None
-            buf = None if size > limit else await self._inner_get(key, prototype, None)
-        else:
-            buf = await self._inner_get(key, prototype, RangeByteRequest(0, limit + 1))
-            size = 0 if buf is None else len(buf)
-        if size > limit:
+        """``key``, refused if larger than ``limit``: read with a ranged request of
+        ``limit + 1`` bytes, so the bound counts bytes actually read (a local directory's
+        store reads at most what the file holds, never allocating the whole range)."""
+        buf = await self._inner_get(key, prototype, RangeByteRequest(0, limit + 1))
+        if buf is not None and len(buf) > limit:
             raise InvalidTraceError(f"{key}: {what} larger than {_size(limit)}; refusing to "
                                     "read it (spec/security.md)")
         return buf
@@ -161,13 +167,34 @@ class GuardedStore(WrapperStore[Any]):
                 ValueError) as exc:  # a damaged zip member (bad CRC, header, method, ...)
             raise InvalidTraceError(f"{key}: unreadable ({one_line(exc)})") from exc
 
-    def _spec_for(self, key: str) -> limits.ChunkSpec | None:
+    def expect_rows(self, path: str, rows: int) -> None:
+        """Every chunk of the array at ``path`` holding one of its first ``rows`` rows must
+        be stored: a missing one is an error, not fill values (spec 'Commit protocol')."""
+        self._expected[path.strip("/")] = rows
+
+    def _check_missing(self, key: str) -> None:
+        path, spec = self._array_of(key)
+        rows = self._expected.get(path) if path is not None else None
+        if spec is None or rows is None:
+            return
+        index = spec.first_index(key[len(path) + 1:])
+        if index is not None and index * spec.rows < rows:
+            raise InvalidTraceError(f"{key}: chunk missing inside the {rows} committed rows of "
+                                    f"{path} (a reader would see fill values; spec 'Commit "
+                                    "protocol')")
+
+    def _array_of(self, key: str) -> tuple[str | None, limits.ChunkSpec | None]:
+        """The array a chunk key belongs to, and its chunk spec."""
         parts = key.split("/")
         for n in range(len(parts) - 1, 0, -1):
-            spec = self._arrays.get("/".join(parts[:n]))
+            path = "/".join(parts[:n])
+            spec = self._arrays.get(path)
             if spec is not None:
-                return spec
-        return None
+                return path, spec
+        return None, None
+
+    def _spec_for(self, key: str) -> limits.ChunkSpec | None:
+        return self._array_of(key)[1]
 
     async def document(self, path: str, fresh: bool = False) -> dict[str, Any] | None:
         """The parsed metadata document of the node at ``path`` (None if it has none): the
@@ -248,6 +275,59 @@ class SafeGroup(zarr.Group):
         except KeyError:
             return False
         return True
+
+
+_OPERATION: ContextVar[weakref.WeakSet[Any] | None] = ContextVar("ntrace_zarr_tasks",
+                                                                 default=None)
+
+
+def _task_factory(previous: Any) -> Any:
+    """A task factory for zarr's event loop that records every task created on behalf of
+    a :func:`cancel_on_error` block (tasks inherit the context of the code creating them)."""
+
+    def factory(loop: Any, coro: Any, **kwargs: Any) -> Any:
+        task = (previous(loop, coro, **kwargs) if previous is not None
+                else asyncio.Task(coro, loop=loop, **kwargs))
+        tasks = _OPERATION.get()
+        if tasks is not None:
+            tasks.add(task)
+        return task
+
+    factory.ntrace = True  # type: ignore[attr-defined]
+    return factory
+
+
+async def _cancel(tasks: weakref.WeakSet[Any]) -> None:
+    while pending := [t for t in list(tasks) if not t.done()]:
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+@contextmanager
+def cancel_on_error() -> Iterator[None]:
+    """Run zarr's synchronous calls inside this block so that when one fails (a chunk that
+    does not decode, a refused key), the tasks it left pending on zarr's event loop (one per
+    chunk of a large read) are cancelled and awaited before the error propagates: no work
+    continues after it and no "Task was destroyed but it is pending" lines follow it."""
+    from zarr.core.sync import _get_loop, sync
+
+    loop = _get_loop()
+    factory = loop.get_task_factory()
+    if not getattr(factory, "ntrace", False):
+        loop.set_task_factory(_task_factory(factory))
+    tasks: weakref.WeakSet[Any] = weakref.WeakSet()
+    token = _OPERATION.set(tasks)
+    try:
+        yield
+    except BaseException:
+        _OPERATION.reset(token)
+        token = None
+        sync(_cancel(tasks))
+        raise
+    finally:
+        if token is not None:
+            _OPERATION.reset(token)
 
 
 def unreadable(path: str, rows: object, exc: BaseException) -> InvalidTraceError:

@@ -17,7 +17,6 @@ overwritten is first renamed aside, then deleted.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -40,9 +39,9 @@ from ntrace.errors import (
     TraceNotFoundError,
     UsageError,
 )
-from ntrace.format import limits
+from ntrace.format import files, limits
 from ntrace.format.metadata import ATTR_KEY
-from ntrace.format.safe import PARTIAL, GuardedStore, SafeGroup, one_line
+from ntrace.format.safe import PARTIAL, GuardedStore, SafeGroup, one_line, parse_document
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://|::")
 
@@ -52,16 +51,22 @@ def is_url(location: object) -> bool:
     return isinstance(location, str) and bool(_URL.search(location))
 
 
+def root_document(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The parsed root ``zarr.json`` of the local directory ``path``, read as every reader
+    reads it (a regular file inside the directory, bounded); None when there is none or it
+    cannot be read."""
+    try:
+        raw = files.read_file(path, limits.DOCUMENT, limits.MAX_ROOT_DOCUMENT_BYTES)
+        return None if raw is None else parse_document(limits.DOCUMENT, raw)
+    except (OSError, NtraceError):
+        return None
+
+
 def is_trace_dir(path: Path) -> bool:
     """True when ``path`` is a directory whose root ``zarr.json`` carries ntrace attributes."""
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        return False
-    try:
-        doc = json.loads(meta.read_text())
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(doc, dict) and ATTR_KEY in (doc.get("attributes") or {})
+    doc = root_document(path)
+    return doc is not None and isinstance(doc.get("attributes"), dict) and \
+        ATTR_KEY in doc["attributes"]
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -201,12 +206,14 @@ def _local(p: Path, text: str, mode: str) -> Location:
         zipped = zarr.storage.ZipStore(p, mode="r")
         zipped._sync_open()
         return Location(text, "zip", p, GuardedStore(zipped, text))
-    if not (p / limits.DOCUMENT).is_file():
+    fd = files.open_file(p, limits.DOCUMENT)  # refuses a link, FIFO or device
+    if fd is None:
         raise TraceNotFoundError(
             f"no trace at {text}: it holds no zarr.json (is it a Zarr v3 store written by "
             "ntrace?)"
         )
-    store = zarr.storage.LocalStore(p, read_only=(mode == "r"))
+    os.close(fd)
+    store = files.TraceDirStore(p, read_only=(mode == "r"))
     return Location(text, "dir", p, GuardedStore(store, text))
 
 
@@ -302,33 +309,30 @@ def open_root(path: str | os.PathLike[str], mode: str = "r") -> Any:
 def stored_bytes(store: Any, prefix: str = "") -> int:
     """Bytes stored under ``prefix`` ('' for the whole trace), ``*.partial`` files excluded:
     file sizes for a directory, compressed member sizes for a zip, object sizes for a URL."""
+    prefix = prefix.strip("/")
+    return sum(size for key, size in stored_sizes(store, prefix).items()
+               if not prefix or key == prefix or key.startswith(prefix + "/"))
+
+
+def stored_sizes(store: Any, prefix: str = "") -> dict[str, int]:
+    """Stored bytes of every key under ``prefix`` in one listing, ``*.partial`` files
+    excluded (see :func:`stored_bytes`); a directory holding a link, FIFO or device is
+    refused."""
     inner = store._store if isinstance(store, GuardedStore) else store
     prefix = prefix.strip("/")
-    if isinstance(inner, zarr.storage.LocalStore):
-        total = 0
-        for dirpath, _, files in os.walk(Path(inner.root) / prefix):
-            for f in files:
-                if not f.endswith(PARTIAL):
-                    try:
-                        total += os.path.getsize(os.path.join(dirpath, f))
-                    except OSError:
-                        pass  # removed meanwhile (a live trace)
-        return total
-
-    def under(key: str) -> bool:
-        return not prefix or key == prefix or key.startswith(prefix + "/")
-
+    if isinstance(inner, files.TraceDirStore):
+        return {k: n for k, n in files.files(inner.root, prefix) if not k.endswith(PARTIAL)}
     if isinstance(inner, zarr.storage.ZipStore):
         if not inner._is_open:
             inner._sync_open()
-        return sum(i.compress_size for i in inner._zf.infolist()
-                   if under(i.filename) and not i.filename.endswith(PARTIAL))
+        return {i.filename: i.compress_size for i in inner._zf.infolist()
+                if i.filename.startswith(prefix) and not i.filename.endswith(PARTIAL)}
 
-    async def total_size() -> int:
-        n = 0
+    async def sizes() -> dict[str, int]:
+        found = {}
         async for key in store.list_prefix(prefix):
-            if under(key):
-                n += await inner.getsize(key)
-        return n
+            if not key.endswith(PARTIAL):
+                found[key] = await inner.getsize(key)
+        return found
 
-    return int(sync(total_size()))
+    return dict(sync(sizes()))

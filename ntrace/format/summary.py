@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ntrace.format.reader import Trace, open_trace
-from ntrace.format.store import stored_bytes
+from ntrace.format.store import stored_sizes
 
 
 def human_bytes(n: float) -> str:
@@ -108,11 +108,19 @@ def _summarize(tr: Trace) -> Summary:
         s.layers.append((name, la.kind, f"{la.out_features}×{la.in_features}"
                          + ("+b" if la.bias else ""), la.activation.kind,
                          str(tr.layouts[f"layers/{name}/tracked"].tail[0]), la.jacobian))
+    listing = stored_sizes(tr.root.store)  # one listing of the trace
+    sizes: dict[str, int] = {}  # stored bytes per array
+    for key, size in listing.items():
+        parts = key.split("/")
+        for n in range(len(parts) - 1, 0, -1):
+            if "/".join(parts[:n]) in tr.layouts:
+                sizes["/".join(parts[:n])] = sizes.get("/".join(parts[:n]), 0) + size
+                break
     for p, lay in tr.layouts.items():
         n = tr.committed(lay.append_dim)
         shape = lay.shape(n)
         raw = int(np.prod(shape)) * np.dtype(lay.dtype).itemsize
-        stored = stored_bytes(tr.root.store, p)
+        stored = sizes.get(p, 0)
         s.arrays.append((p, ",".join(lay.dims), "×".join(map(str, shape)) or "scalar", lay.dtype,
                          human_bytes(stored), human_bytes(raw),
                          f"{raw / stored:.1f}" if stored else "—"))
@@ -122,5 +130,5 @@ def _summarize(tr: Trace) -> Summary:
             units = (tr.layers[p.split("/")[1]].out_features if p.startswith("layers/")
                      else (tr.probe_units.total if tr.probe_units else 0))
             s.activations += int(np.prod(shape[:-1])) * units
-    s.stored = stored_bytes(tr.root.store)
+    s.stored = sum(listing.values())
     return s

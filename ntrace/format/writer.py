@@ -52,6 +52,8 @@ from ntrace.format.store import prepare_output, publish, staging_dir
 
 ROUND_CHUNK = 4096
 CHUNK_BYTES = 2 << 20  # target uncompressed bytes per chunk along an append dimension
+# store every chunk, also one of fill values only (spec §6: a missing chunk is an error)
+EVERY_CHUNK = {"write_empty_chunks": True}
 MAX_ROWS_PER_CHUNK = {L.TAYLOR: 32, L.SNAPSHOT: 64}
 
 
@@ -226,7 +228,7 @@ class TraceWriter:
         for path_, lay in tr.layouts.items():
             self._layouts[path_] = lay
             if lay.per_sample:
-                self._arrays[path_] = root[path_]
+                self._arrays[path_] = root[path_].with_config(EVERY_CHUNK)
                 self._capacity[path_] = self._arrays[path_].shape[0]
                 self._staged[path_] = []
                 self._written[path_] = 0
@@ -238,7 +240,7 @@ class TraceWriter:
         publish(staging, final)
         self._root = zarr.open_group(store=zarr.storage.LocalStore(final), mode="r+",
                                      zarr_format=3, use_consolidated=False)
-        self._arrays = {path: self._root[path] for path in self._arrays}
+        self._arrays = {path: self._root[path].with_config(EVERY_CHUNK) for path in self._arrays}
 
     def _create_arrays(self) -> None:
         a = self._attrs
@@ -293,7 +295,8 @@ class TraceWriter:
             chunks = (first, *(self._local_tail(lay) if lay.per_sample else lay.tail))
         return dict(name=lay.path, shape=shape, chunks=tuple(max(c, 1) for c in chunks),
                     dtype=lay.dtype, fill_value=_fill(lay.dtype),
-                    compressors=_compressors(lay.kind), dimension_names=lay.dims)
+                    compressors=_compressors(lay.kind), dimension_names=lay.dims,
+                    config=EVERY_CHUNK)
 
     def _local_tail(self, lay: L.ArrayLayout) -> tuple[int, ...]:
         """The row shape this process writes: its block of the sample axis (spec §6.2)."""
@@ -525,9 +528,11 @@ class TraceWriter:
 
         Rounds committed after the checkpoint are dropped: the commit is set back to the
         checkpoint's (the one case where a commit goes down, spec 'Checkpoints')."""
+        from ntrace.format.files import check_tree
         from ntrace.format.reader import open_trace
 
         tr = open_trace(path)
+        check_tree(path)  # no link, FIFO or device inside: every append stays in the trace
         if tr.attrs.checkpoint is None:
             raise UsageError(f"{path} holds no checkpoint, so it cannot be resumed; traces of "
                              "built-in tasks are checkpointed every epoch")
@@ -541,7 +546,7 @@ class TraceWriter:
         self = cls(root, tr.attrs, list(tr.layers.values()), tr.tracked, probe,
                    commit_seconds, list(tr.modules.values()))
         for path_, lay in tr.layouts.items():
-            arr = root[path_]
+            arr = root[path_].with_config(EVERY_CHUNK)
             self._arrays[path_] = arr
             self._layouts[path_] = lay
             if lay.append_dim is not None:

@@ -44,7 +44,8 @@ MEMORY_LIMIT = 4 << 30  # address space of the fuzzing process
 
 # -- mutations: each takes (rng, trace dir) and returns a description ------------------------
 def _files(root: Path, docs: bool) -> list[Path]:
-    out = [p for p in sorted(root.rglob("*")) if p.is_file()]
+    """Regular files only (never through a link a mutation made: it may lead to /dev/zero)."""
+    out = [p for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()]
     return [p for p in out if (p.name == "zarr.json") == docs]
 
 
@@ -312,11 +313,35 @@ def m_consolidated(rng: random.Random, root: Path) -> str:
     return "consolidated: " + _edit_json(p, edit)
 
 
+def m_link(rng: random.Random, root: Path) -> str:
+    """Replace a document, chunk or directory by a link (outside, to /dev/zero, to a file of
+    the trace), a FIFO or an empty directory link loop."""
+    p = rng.choice(_files(root, rng.random() < 0.3))
+    if rng.random() < 0.3 and p.parent != root:
+        p = p.parent  # a whole directory
+    outside = root.parent / f"{root.name}-outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "secret").write_bytes(b"secret " * 64)
+    target = rng.choice(["/dev/zero", str(outside / "secret"), str(outside), "/etc/passwd",
+                         "fifo", str(root / "zarr.json"), "loop"])
+    if p.is_dir():
+        shutil.rmtree(p)
+    else:
+        p.unlink()
+    if target == "fifo":
+        os.mkfifo(p)
+    elif target == "loop":
+        os.symlink(p.name, p)
+    else:
+        os.symlink(target, p)
+    return f"{_rel(root, p)} → {target}"
+
+
 MUTATIONS: list[Callable[[random.Random, Path], str]] = [
     m_chunk_truncate, m_chunk_empty, m_chunk_flip, m_chunk_header, m_chunk_delete,
     m_chunk_garbage, m_chunk_swap, m_doc_delete, m_doc_garble, m_doc_edit, m_doc_edit,
     m_attrs_edit, m_attrs_edit, m_attrs_edit, m_shape, m_shape, m_shape, m_node_type,
-    m_huge_doc, m_stray, m_consolidated,
+    m_huge_doc, m_stray, m_consolidated, m_link, m_link,
 ]
 
 
@@ -325,7 +350,7 @@ def zip_dir(src: Path, out: Path, rng: random.Random) -> str:
     """Zip a (mutated) trace directory in ZipStore layout, sometimes breaking the zip."""
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
         for p in sorted(src.rglob("*")):
-            if p.is_file():
+            if p.is_file() and not p.is_symlink():
                 zf.write(p, str(p.relative_to(src)))
         how = rng.randrange(6)
         if how == 0:
@@ -410,6 +435,7 @@ def run_case(index: int, seed: int, work: Path, templates: list[Path]) -> dict[s
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     shutil.rmtree(case, ignore_errors=True)
+    shutil.rmtree(work / f"case{index}.zarr-outside", ignore_errors=True)
     if target != case:
         target.unlink(missing_ok=True)
     return {"case": index, "steps": steps, "problems": problems,
@@ -498,8 +524,8 @@ TARGETED = {
     "empty-chunk": (_empty_chunk, False, "layers/fc1/weight/c/0/0/0: chunk of 0 bytes is "
                                          "shorter than a blosc header (truncated)"),
     "wrong-size-chunk": (_wrong_size_chunk, False, "layers/fc1/bias/c/0/0: the chunk's blosc "
-                                                   "header declares 1536 decoded bytes, but a "
-                                                   "chunk of this array holds 512"),
+                                                   "header declares a decoded size other than "
+                                                   "the 512 bytes a chunk of this array holds"),
 }
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import xarray as xr
-import zarr.storage
 
+from ntrace.format.files import TraceDirStore
 from ntrace.format.metadata import FORMAT_VERSION
 from ntrace.format.reader import open_trace
 
@@ -19,13 +19,13 @@ from ntrace.format.reader import open_trace
 @pytest.fixture
 def store_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     keys: list[str] = []
-    original = zarr.storage.LocalStore.get
+    original = TraceDirStore.get  # the store every reader uses on a directory
 
     async def counting(self: Any, key: str, *args: Any, **kwargs: Any) -> Any:
         keys.append(key)
         return await original(self, key, *args, **kwargs)
 
-    monkeypatch.setattr(zarr.storage.LocalStore, "get", counting)
+    monkeypatch.setattr(TraceDirStore, "get", counting)
     yield keys
 
 

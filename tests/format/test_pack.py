@@ -4,8 +4,14 @@ local S3-compatible server)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 import uuid
 import warnings
 import zipfile
@@ -312,3 +318,113 @@ def test_s3_urls_against_a_local_server(packed: Path, monkeypatch: pytest.Monkey
             open_trace(f"s3://{bucket}/runs/missing.zarr")
     finally:
         server.stop()
+
+
+# -- hostile input and interrupted packs ---------------------------------------------------------
+def _trace_copy(tmp_path: Path) -> Path:
+    """tiny-mlp without its consolidated metadata, so that an edited document is the only
+    change."""
+    t = tmp_path / "t.zarr"
+    shutil.copytree(TINY, t)
+    doc = json.loads((t / "zarr.json").read_text())
+    del doc["consolidated_metadata"]
+    (t / "zarr.json").write_text(json.dumps(doc))
+    return t
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_pack_refuses_nan_in_a_document_in_one_line(tmp_path: Path, token: str) -> None:
+    t = _trace_copy(tmp_path)
+    doc = t / "layers/fc1/zarr.json"
+    doc.write_text(doc.read_text().replace('"attributes": {', f'"attributes": {{"x": {token}, ',
+                                           1))
+    assert validate_trace(t).ok  # Python's parser accepts it; JSON does not
+    with pytest.raises(InvalidTraceError) as info:
+        pack_trace(t, tmp_path / "t.zip")
+    assert str(info.value).startswith("layers/fc1/zarr.json: holds NaN or Infinity")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "t.zip").exists() and not list(tmp_path.glob(".t.zip*"))
+    res = CliRunner().invoke(main, ["pack", str(t), str(tmp_path / "t.zip")])
+    assert res.exit_code == 5 and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_packed_json_is_standard_json(packed: Path) -> None:
+    def strict(token: str) -> None:
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    with zipfile.ZipFile(packed) as zf:
+        for name in zf.namelist():
+            if name.endswith(".json"):
+                json.loads(zf.read(name), parse_constant=strict)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_pack_removes_partial_files_of_killed_packs(tmp_path: Path) -> None:
+    out = tmp_path / "t.zip"
+    stale = tmp_path / f".t.zip.{_dead_pid()}.0123456789ab.partial"
+    stale.write_bytes(b"PK half a zip")
+    live = tmp_path / f".t.zip.{os.getpid()}.0123456789ab.partial"  # a pack still running
+    live.write_bytes(b"PK")
+    other = tmp_path / f".other.zip.{_dead_pid()}.0123456789ab.partial"
+    other.write_bytes(b"PK")
+    pack_trace(TINY, out)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert verify_pack(out).ok
+
+
+def test_a_terminated_pack_leaves_no_partial_file(tmp_path: Path) -> None:
+    code = textwrap.dedent("""
+        import os, signal, sys
+        from ntrace.format import pack
+        original = pack._get
+        def get(store, key):
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` during the copy
+            return original(store, key)
+        pack._get = get
+        pack.pack_trace(sys.argv[1], sys.argv[2])
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code, str(TINY), str(tmp_path / "t.zip")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # neither the archive nor its temporary file
+
+
+def test_verify_detects_accidents_and_a_pinned_digest_detects_tampering(
+        packed: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["pack", str(TINY), str(tmp_path / "p.zip")])
+    digest = res.output.split("manifest sha256 ")[1].split()[0]
+    with zipfile.ZipFile(packed) as zf:
+        assert hashlib.sha256(zf.read(MANIFEST)).hexdigest() == digest
+    assert verify_pack(packed, digest=digest).ok
+    tampered = tmp_path / "tampered.zip"
+    forged = b"forged bytes"
+
+    def change(name: str | None, data: bytes | None) -> Any:
+        if name is None:
+            return None
+        assert data is not None
+        if name == "loss/c/0":
+            return forged
+        if name == MANIFEST:  # re-hash the edited member: the manifest stays consistent
+            m = json.loads(data)
+            m["objects"]["loss/c/0"] = {"size": len(forged),
+                                        "sha256": hashlib.sha256(forged).hexdigest()}
+            return json.dumps(m).encode()
+        return data
+
+    _rewrite(packed, tampered, change)
+    assert verify_pack(tampered).ok  # what verify alone proves: no accident, not no tampering
+    report = verify_pack(tampered, digest=digest)
+    assert not report.ok and "differs from the pinned digest" in report.reasons[0]
+    res = CliRunner().invoke(main, ["verify", str(tampered), "--digest", digest])
+    assert res.exit_code == 1 and "pinned digest" in res.output
+    res = CliRunner().invoke(main, ["verify", str(packed), "--digest", digest.upper()])
+    assert res.exit_code == 0 and "matches the pinned digest" in res.output
+    assert CliRunner().invoke(main, ["verify", str(packed), "--digest", "xyz"]).exit_code == 2

@@ -44,8 +44,8 @@ REASON = {
     "corrupt-json": "layers/fc1/zarr.json: not a valid JSON document (JSONDecodeError: ",
     "empty-chunk": "layers/fc1/weight/c/0/0/0: chunk of 0 bytes is shorter than a blosc header "
                    "(truncated)",
-    "wrong-size-chunk": "layers/fc1/bias/c/0/0: the chunk's blosc header declares 1536 decoded "
-                        "bytes, but a chunk of this array holds 512",
+    "wrong-size-chunk": "layers/fc1/bias/c/0/0: the chunk's blosc header declares a decoded "
+                        "size other than the 512 bytes a chunk of this array holds",
     "schema-violation": "loss.id: expected one of mse, cross_entropy, bce_with_logits, nll, "
                         "found 'hinge'",
     "negative-taylor-every": "sampling.taylor_every: expected an integer >= 1, found -3",
