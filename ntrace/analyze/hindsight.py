@@ -19,7 +19,6 @@ import torch
 
 from ntrace.analyze import crossentropy as ce
 from ntrace.analyze.domain import Domain, IterateStats, iterate_stats
-from ntrace.analyze.links import LINKS
 from ntrace.analyze.nll import Affine, NLLStats
 from ntrace.analyze.options import AnalysisOptions
 from ntrace.analyze.plan import AnalysisPlan, LayerPlan
@@ -37,6 +36,7 @@ from ntrace.analyze.source import RoundBlock, TaylorSource
 from ntrace.analyze.workingset import WorkingSet, per_round_problem
 from ntrace.errors import UsageError
 from ntrace.format.reader import Trace
+from ntrace.losses import LINKS
 
 
 @dataclass
