@@ -179,7 +179,7 @@ def hindsight(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions,
               source: TaylorSource | None = None) -> Hindsight:
     """Solve every requested family at every checkpoint of ``plan``. ``source`` reads the
     rounds (default: a :class:`TaylorSource` of the plan's layers); a part of a larger plan
-    passes one that cuts the blocks of the whole (:mod:`ntrace.analyze.cluster`)."""
+    passes one that cuts the blocks of the whole (:mod:`ntrace.analyze.graph`)."""
     device = torch.device(opts.device)
     src = source or TaylorSource(trace, plan.layers, device, opts.block_bytes)
     T = plan.taylor_rounds

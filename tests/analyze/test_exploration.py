@@ -7,9 +7,12 @@ import math
 
 import numpy as np
 import pytest
+import xarray as xr
 
-from ntrace.analyze import AnalysisOptions, analyze_trace
+from ntrace.analyze import AnalysisOptions, analyze_trace, graph
 from ntrace.analyze.exploration import (
+    Configs,
+    Probe,
     log_volume,
     log_volume_dense,
     min_previous_distance,
@@ -19,6 +22,7 @@ from ntrace.analyze.exploration import (
     switch_fraction_dense,
     to_words,
 )
+from ntrace.analyze.metrics import METRICS, Metric
 from ntrace.format.bits import pack, unpack
 from ntrace.format.reader import open_trace
 
@@ -101,3 +105,46 @@ def test_exploration_of_a_recorded_trace(mlp_mse) -> None:
     np.testing.assert_array_equal(ds.snapshot_round.values, tr.read("probe/round_index"))
     assert (np.diff(ds.switch_fraction_sorted.values) <= 0).all()
     assert ds.attrs["ntrace"]["exploration"]["singular_value_floor"] == 1e-6
+
+
+def test_every_registered_metric_lands_in_the_results(mlp_mse) -> None:
+    names = [m.name for m in METRICS]
+    assert len(set(names)) == len(names) and "hindsight" not in names
+    ds = analyze_trace(mlp_mse, AnalysisOptions(scales=("network",), checkpoints=2))
+    tr = open_trace(mlp_mse)
+    probe = Probe.of(tr)
+    for m in METRICS:
+        value = m.combine(probe, [m.compute(Configs.of(tr, probe.snapshots), probe, p,
+                                            AnalysisOptions())
+                                  for p in m.parts(probe, AnalysisOptions(), 1)],
+                          AnalysisOptions())
+        for k, v in m.variables(probe, value).items():
+            np.testing.assert_array_equal(ds[k].values, v.values, err_msg=k)
+
+
+class _Active(Metric):
+    """A metric defined outside the package: per snapshot, the active states."""
+
+    name = "active"
+
+    def parts(self, probe, opts, tasks):
+        return [(0, probe.snapshots)]
+
+    def compute(self, configs, probe, part, opts):
+        return popcount(to_words(configs.rows(*part))).sum(axis=(1, 2), dtype=np.int64)
+
+    def combine(self, probe, results, opts):
+        return np.concatenate(results)
+
+    def variables(self, probe, value):
+        return {"active_states": xr.Variable("snapshot", value)}
+
+
+def test_a_registered_metric_needs_nothing_else(mlp_mse, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    monkeypatch.setattr(graph, "METRICS", (*METRICS, _Active()))
+    ds = analyze_trace(mlp_mse, AnalysisOptions(scales=("network",), checkpoints=2))
+    tr = open_trace(mlp_mse)
+    A = unpack(tr.read("probe/config"), tr.probe_units.total)
+    np.testing.assert_array_equal(ds.active_states.values, A.sum(axis=(1, 2)))
+    assert "log_volume" in ds
