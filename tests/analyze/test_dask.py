@@ -31,10 +31,11 @@ from ntrace.analyze.exploration import (  # noqa: E402
 )
 from ntrace.analyze.graph import split_plan  # noqa: E402
 from ntrace.analyze.metrics import METRICS  # noqa: E402
+from ntrace.analyze.metrics.changed import changed_unit_fraction_dense  # noqa: E402
 from ntrace.analyze.plan import make_plan  # noqa: E402
 from ntrace.cli import main  # noqa: E402
 from ntrace.errors import UsageError  # noqa: E402
-from ntrace.format.bits import pack  # noqa: E402
+from ntrace.format.bits import pack, unpack  # noqa: E402
 from ntrace.format.metadata import Sampling  # noqa: E402
 from ntrace.format.pack import pack_trace  # noqa: E402
 from ntrace.format.reader import open_trace  # noqa: E402
@@ -147,12 +148,17 @@ def test_cross_entropy_box_a_file_url_and_a_zip(cluster: Any, mlp_ce: Path, tmp_
 def test_a_callers_client_runs_every_metric(cluster: Any, wide: Path,
                                             one_thread: Any) -> None:
     """A ``distributed.Client`` passed as it is: the same results, each exploration metric
-    cut into parts, and the client left open."""
+    cut into parts (the one added as a plugin too, against its dense reference), and the
+    client left open."""
     opts = AnalysisOptions(scales=("network",), checkpoints=2, block_bytes=1 << 16)
     ref = analyze_trace(wide, opts)
     cluster.spy.spec.clear()
     got = analyze_trace(wide, opts, cluster=cluster.client)
     same_results(ref, got)
+    tr = open_trace(wide)
+    A = unpack(tr.read("probe/config"), tr.probe_units.total)
+    np.testing.assert_array_equal(got.changed_unit_fraction.values,
+                                  changed_unit_fraction_dense(A))
     for metric in METRICS:
         assert sum(f"-{metric.name}-" in k for k in cluster.spy.spec) > 1, metric.name
     assert cluster.client.status == "running"

@@ -48,7 +48,7 @@ def test_many_parts_run_here_combine_into_the_same_results(
     groups = [t.group for t in g.tasks]
     labels = [t.label for t in g.tasks]
     assert groups.count("hindsight") > 2 and any(lab.startswith("layer ") for lab in labels)
-    assert groups.count("switch") > 1
+    assert groups.count("switch") > 1 and groups.count("changed") > 1
     if fixture == "mlp_mse":  # every neuron tracked: the network too, neuron blocks, and
         # snapshots enough for two blocks of the distance pass
         assert "network" in labels and sum(lab.startswith("neurons ") for lab in labels) > 3

@@ -9,6 +9,7 @@ analysis runs every metric in ``METRICS``, in process or as Dask tasks
 from __future__ import annotations
 
 from ntrace.analyze.metrics.base import Metric
+from ntrace.analyze.metrics.changed import ChangedUnits
 from ntrace.analyze.metrics.distance import MinDistance
 from ntrace.analyze.metrics.switches import SwitchFraction
 from ntrace.analyze.metrics.volume import Volume
@@ -17,6 +18,7 @@ METRICS: tuple[Metric, ...] = (
     MinDistance(),
     SwitchFraction(),
     Volume(),
+    ChangedUnits(),
 )
 
 __all__ = ["METRICS", "Metric"]
