@@ -32,7 +32,6 @@ from ntrace.analyze.exploration import (
     switch_fraction,
     switch_fraction_dense,
 )
-from ntrace.analyze.links import BinaryLogistic
 from ntrace.analyze.options import AnalysisOptions
 from ntrace.analyze.plan import make_plan
 from ntrace.analyze.quadratic import NeuronGram, Quadratic
@@ -41,6 +40,7 @@ from ntrace.analyze.source import TaylorSource
 from ntrace.format.bits import pack
 from ntrace.format.metadata import Sampling
 from ntrace.format.reader import open_trace
+from ntrace.losses import BinaryLogistic
 from ntrace.tasks import get_task
 from ntrace.tasks.runner import RunOptions, run_task
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
 from ntrace import __version__
-from ntrace.analyze.exploration import LogVolume
+from ntrace.analyze.exploration import Exploration
 from ntrace.analyze.hindsight import Family, Hindsight
 from ntrace.analyze.options import AnalysisOptions
 from ntrace.analyze.plan import AnalysisPlan
@@ -33,20 +32,6 @@ CERTIFICATE_TEXT = {
             "bce_with_logits: Fenchel duality gap; nll: 0 (linear: closed form, unbounded "
             "unless the gradient vanishes)",
 }
-
-
-@dataclass(frozen=True)
-class Exploration:
-    """Exploration measures of the probe snapshots."""
-
-    snapshot_round: np.ndarray  # (snapshot,)
-    min_distance: np.ndarray  # (snapshot,) −1 at 0
-    bits: int  # probe × units: the largest possible distance
-    switch_fraction: np.ndarray  # (probe,)
-    log_volume: LogVolume
-    unit_layer: np.ndarray  # (unit,) position in ``unit_layer_names``
-    unit_index: np.ndarray  # (unit,) neuron index within its layer
-    unit_layer_names: tuple[str, ...]  # the probe's layers (spec: probe units)
 
 
 def _scale_vars(out: dict[str, xr.Variable], prefix: str, dims: tuple[str, ...],
@@ -219,8 +204,11 @@ def build_dataset(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions, hs: H
                     f.iterations[:, 0], counts, cum, opts, fit_min, {})
         v["network_domain_size"] = var((), float(f.domain.size().cpu().numpy()[0]),
                                        "radius of the ball / half diagonal of the box")
+    explored: dict[str, Any] = {}
     if expl is not None:
-        _exploration_vars(v, coords, expl, names)
+        ev, ec, explored = expl.variables()
+        v.update(ev)
+        coords.update(ec)
     a = trace.attrs
     s = a.sampling
     comparison = (f"losses and Taylor losses are compared on the same recorded rounds and "
@@ -244,32 +232,6 @@ def build_dataset(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions, hs: H
         "status_names": list(STATUS_NAMES),
     }
     if expl is not None:
-        attrs["exploration"] = {"singular_values": expl.log_volume.rank,
-                                "singular_value_floor": expl.log_volume.floor,
-                                "floor_rule": "log max(sigma_i, floor)"}
+        attrs["exploration"] = explored
     return xr.Dataset(v, coords=coords, attrs={"ntrace": attrs})
 
-
-def _exploration_vars(v: dict[str, xr.Variable], coords: dict[str, Any], e: Exploration,
-                      names: list[str]) -> None:
-    coords["snapshot_round"] = var("snapshot", e.snapshot_round, "training round of the "
-                                   "snapshot")
-    v["min_distance"] = var("snapshot", e.min_distance, "min_{k<n} ||A_n - A_k||_F^2 "
-                            "(Hamming distance to the nearest earlier configuration; -1 at n=0)")
-    frac = np.where(e.min_distance >= 0, e.min_distance / max(e.bits, 1), np.nan)
-    v["min_distance_fraction"] = var("snapshot", frac, "min_distance / (probe x units)")
-    v["switch_fraction"] = var("probe", e.switch_fraction, "activation switches over all "
-                               "snapshots / possible switches, per probe point")
-    v["switch_fraction_sorted"] = var("probe_rank", np.sort(e.switch_fraction)[::-1],
-                                      "switch_fraction sorted, largest first")
-    coords["unit_layer"] = var("unit", e.unit_layer, "layer of the hidden unit (position in "
-                               "layer_names of this variable)",
-                               layer_names=list(e.unit_layer_names))
-    coords["unit_index"] = var("unit", e.unit_index, "neuron index within its layer")
-    lv = e.log_volume
-    v["log_volume"] = var("unit", lv.value, f"sum of log max(sigma_i, {lv.floor:g}) over the "
-                          f"first {lv.rank} singular values of the unit's centred "
-                          "(snapshot x probe) 0/1 matrix")
-    v["log_volume_sorted"] = var("unit_rank", np.sort(lv.value)[::-1], "log_volume sorted, "
-                                 "largest first")
-    del names

@@ -3,7 +3,7 @@ certificate, attainment test.
 
 Such a Taylor loss is not quadratic, so its hindsight optimum needs every recorded
 (round, sample) pair ``k``: the logits are ``z_k(u) = r_k + M_k u`` (linear in the candidate
-parameters u) and ``f(u) = (1/K) Σ_k ψ(z_k, y_k)`` with ψ from :mod:`ntrace.analyze.links`
+parameters u) and ``f(u) = (1/K) Σ_k ψ(z_k, y_k)`` with ψ from :mod:`ntrace.losses`
 (cross-entropy: logsumexp(z) − z_y). The working set (:mod:`ntrace.analyze.workingset`) is
 held in memory, bounded by ``max_memory``. Three problem classes: :class:`NeuronCE` (linear
 layers, M_k = g_k x_kᵀ kept factored), :class:`DenseCE` (other kinds, M_k formed) and
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ntrace.analyze.links import CrossEntropy, Link
 from ntrace.analyze.solve import curvature, lipschitz
+from ntrace.losses import CrossEntropy, Link
 
 CE = CrossEntropy()
 

@@ -19,7 +19,6 @@ import torch
 
 from ntrace.analyze import crossentropy as ce
 from ntrace.analyze.domain import Domain, IterateStats, iterate_stats
-from ntrace.analyze.links import LINKS
 from ntrace.analyze.nll import Affine, NLLStats
 from ntrace.analyze.options import AnalysisOptions
 from ntrace.analyze.plan import AnalysisPlan, LayerPlan
@@ -37,6 +36,7 @@ from ntrace.analyze.source import RoundBlock, TaylorSource
 from ntrace.analyze.workingset import WorkingSet, per_round_problem
 from ntrace.errors import UsageError
 from ntrace.format.reader import Trace
+from ntrace.losses import LINKS
 
 
 @dataclass
@@ -179,7 +179,7 @@ def hindsight(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions,
               source: TaylorSource | None = None) -> Hindsight:
     """Solve every requested family at every checkpoint of ``plan``. ``source`` reads the
     rounds (default: a :class:`TaylorSource` of the plan's layers); a part of a larger plan
-    passes one that cuts the blocks of the whole (:mod:`ntrace.analyze.cluster`)."""
+    passes one that cuts the blocks of the whole (:mod:`ntrace.analyze.graph`)."""
     device = torch.device(opts.device)
     src = source or TaylorSource(trace, plan.layers, device, opts.block_bytes)
     T = plan.taylor_rounds

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import xarray as xr
 
-from ntrace.analyze.assemble import Exploration, build_dataset
-from ntrace.analyze.exploration import (
-    LogVolume,
-    log_volume,
-    min_previous_distance,
-    probe_readers,
-    switch_fraction,
-)
-from ntrace.analyze.hindsight import Hindsight, hindsight
+from ntrace.analyze.assemble import build_dataset
+from ntrace.analyze.exploration import Exploration
+from ntrace.analyze.graph import build_graph, run_here
+from ntrace.analyze.hindsight import Hindsight
 from ntrace.analyze.options import AnalysisOptions
 from ntrace.analyze.plan import AnalysisPlan, make_plan
 from ntrace.analyze.results import check_output, write_results
@@ -43,56 +38,27 @@ def check_device(device: str) -> torch.device:
 
 
 def explore(trace: Trace, opts: AnalysisOptions) -> Exploration | None:
-    """Exploration measures of the committed probe snapshots, or None without a probe."""
-    units = trace.probe_units
-    K = trace.snapshots
-    if units is None or not trace.has("probe/config") or K < 2:
-        return None
-    Q = trace.zarr_array("probe/config").shape[1]
-    M = units.total
-    rows, cols = probe_readers(trace, K)
-    opts.progress("exploration", 0, 3)
-    dist = min_previous_distance(rows, K, opts.block_bytes)
-    opts.progress("exploration", 1, 3)
-    sw = switch_fraction(rows, K, M, opts.block_bytes)
-    opts.progress("exploration", 2, 3)
-    lv = log_volume(cols, K, Q, M, opts.svd_rank, opts.sv_floor, opts.block_bytes,
-                    opts.device)
-    opts.progress("exploration", 3, 3)
-    return exploration(trace, K, dist, sw, lv)
-
-
-def exploration(trace: Trace, K: int, dist: np.ndarray, sw: np.ndarray, lv: LogVolume
-                ) -> Exploration:
-    """The exploration measures of snapshots [0, K) with their coordinates."""
-    units = trace.probe_units
-    assert units is not None
-    lay = np.concatenate([np.full(c, i) for i, c in enumerate(units.counts)])
-    idx = np.concatenate([np.arange(c) for c in units.counts])
-    return Exploration(snapshot_round=trace.read("probe/round_index", slice(0, K)
-                                                 ).astype(np.int64),
-                       min_distance=dist, bits=int(trace.zarr_array("probe/config").shape[1])
-                       * units.total, switch_fraction=sw, log_volume=lv,
-                       unit_layer=lay, unit_index=idx, unit_layer_names=units.layers)
+    """Every exploration metric of the committed probe snapshots, in process, or None
+    without a probe or with fewer than 2 snapshots."""
+    return _run(trace, None, replace(opts, exploration=True), None, None)[1]
 
 
 def analyze_trace(path: str | os.PathLike[str], options: AnalysisOptions | None = None,
                   out: str | os.PathLike[str] | None = None,
-                  cluster: Cluster | None = None) -> xr.Dataset:
+                  cluster: Cluster | Any = None) -> xr.Dataset:
     """Analyse the trace at ``path``: hindsight Taylor optima, regret and exploration.
 
     Reads the trace lazily (committed rows only, so a trace still being written works) and
-    returns the results Dataset; with ``out`` also writes it to that Zarr store. With
-    ``options.scheduler`` or ``options.workers`` the solves and exploration kernels run as
-    Dask tasks, on ``cluster`` when given (:class:`ntrace.analyze.cluster.Cluster`, reused
-    across analyses) or on one opened and closed for this call; the results are the same.
+    returns the results Dataset; with ``out`` also writes it to that Zarr store. The
+    analysis is a set of tasks (:mod:`ntrace.analyze.graph`) run in this process, or as Dask
+    tasks with ``options.scheduler`` or ``options.workers`` (on a cluster opened and closed
+    for this call) or on ``cluster``: a :class:`ntrace.analyze.cluster.Cluster` or a
+    ``distributed.Client`` of the caller's, reused across analyses and left open. The
+    results are the same.
     """
     opts = options or AnalysisOptions()
     check_device(opts.device)
-    if cluster is not None and not opts.distributed:
-        raise UsageError("a cluster was passed but the options ask for none; set scheduler "
-                         "or workers in AnalysisOptions")
-    if opts.distributed:
+    if cluster is not None or opts.distributed:
         from ntrace.analyze.cluster import task_location
 
         task_location(path)  # refuse what workers cannot read before anything starts
@@ -101,12 +67,8 @@ def analyze_trace(path: str | os.PathLike[str], options: AnalysisOptions | None 
     if out is not None:
         check_output(out, trace.path)
     notes: list[str] = []
-    if opts.distributed:
-        hs, expl = _distributed(path, trace, plan, opts, cluster)
-    else:
-        with torch.no_grad():
-            hs = hindsight(trace, plan, opts)
-            expl = explore(trace, opts) if opts.exploration else None
+    hs, expl = _run(trace, plan, opts, path, cluster)
+    assert hs is not None
     if opts.exploration and expl is None:
         notes.append("no exploration measures: the trace has no probe group or fewer than 2 "
                      "committed snapshots")
@@ -116,18 +78,26 @@ def analyze_trace(path: str | os.PathLike[str], options: AnalysisOptions | None 
     return ds
 
 
-def _distributed(path: str | os.PathLike[str], trace: Trace, plan: AnalysisPlan,
-                 opts: AnalysisOptions, cluster: Cluster | None
-                 ) -> tuple[Hindsight, Exploration | None]:
-    from ntrace.analyze.cluster import open_cluster, run_on_cluster
+def _run(trace: Trace, plan: AnalysisPlan | None, opts: AnalysisOptions,
+         path: str | os.PathLike[str] | None, cluster: Cluster | Any
+         ) -> tuple[Hindsight | None, Exploration | None]:
+    """The tasks of ``plan`` and the exploration, run in process or on Dask, combined."""
+    if path is None or (cluster is None and not opts.distributed):
+        graph = build_graph(trace, plan, opts, 1)
+        return graph.combine(trace, run_here(trace, graph, opts.progress))
+    from ntrace.analyze.cluster import (
+        as_cluster,
+        open_cluster,
+        run_on_cluster,
+        task_location,
+        worker_options,
+    )
 
-    own = cluster is None
-    cl = open_cluster(opts) if cluster is None else cluster
+    cl = open_cluster(opts) if cluster is None else as_cluster(cluster)
     try:
-        hs, ex = run_on_cluster(cl, path, trace, plan, opts, opts.exploration)
+        graph = build_graph(trace, plan, worker_options(opts), cl.tasks)
+        results = run_on_cluster(cl, task_location(path), graph, opts.progress)
     finally:
-        if own:
+        if cluster is None:
             cl.close()
-    expl = None if ex is None else exploration(trace, len(ex.min_distance), ex.min_distance,
-                                               ex.switch_fraction, ex.log_volume)
-    return hs, expl
+    return graph.combine(trace, results)

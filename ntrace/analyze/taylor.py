@@ -18,21 +18,8 @@ from ntrace.analyze.plan import LayerPlan
 from ntrace.analyze.source import DTYPE, LayerBlock, RoundBlock, TaylorSource
 from ntrace.errors import UsageError
 from ntrace.format.reader import Trace
+from ntrace.losses import get_loss
 from ntrace.ops import layer_op
-
-
-def sample_loss(loss_id: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """ℓ per sample (spec section 4) over the last axis of ``out``: mse = mean squared error
-    over outputs, cross_entropy = logsumexp(f) − f_y, nll = −f_y, bce_with_logits = mean over
-    outputs of log(1 + e^f) − y f."""
-    if loss_id == "mse":
-        return (out - target).pow(2).mean(dim=-1)
-    if loss_id == "bce_with_logits":
-        return (torch.nn.functional.softplus(out) - target * out).mean(dim=-1)
-    picked = torch.gather(out, -1, target.unsqueeze(-1)).squeeze(-1)
-    if loss_id == "nll":
-        return -picked
-    return torch.logsumexp(out, dim=-1) - picked
 
 
 def _layer_move(lp: LayerPlan, lb: LayerBlock, delta: torch.Tensor) -> torch.Tensor:
@@ -106,7 +93,7 @@ def taylor_loss(trace: Trace, t: int,
         lp = plans[name]
         deltas[name] = (_augmented(lp, V, c) - block.layers[name].w[0])[None]
     out = taylor_outputs(block, deltas, plans)
-    return sample_loss(src.loss, out, block.target).mean(dim=-1)[0]
+    return get_loss(src.loss).loss(out, block.target).mean(dim=-1)[0]
 
 
 def neuron_taylor_loss(trace: Trace, t: int, layer: str, neuron: int, v: torch.Tensor,

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 from ntrace.analyze import crossentropy as ce
-from ntrace.analyze.links import CrossEntropy, Link
 from ntrace.analyze.plan import LayerPlan
 from ntrace.analyze.source import RoundBlock, neuron_columns
 from ntrace.errors import UsageError
+from ntrace.losses import CrossEntropy, Link
 
 
 def _size(n: float) -> str:

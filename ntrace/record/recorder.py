@@ -54,6 +54,7 @@ from ntrace.format.metadata import (
 )
 from ntrace.format.store import prepare_output
 from ntrace.format.writer import ProbeSetup, TraceWriter
+from ntrace.losses import per_sample_loss
 from ntrace.record.async_writer import (
     AsyncWriter,
     PendingCheckpoint,
@@ -63,7 +64,6 @@ from ntrace.record.async_writer import (
 )
 from ntrace.record.distributed import current_group, unwrap
 from ntrace.record.extract import Extractor
-from ntrace.record.losses import per_sample_loss
 from ntrace.record.state import capture, restore
 from ntrace.record.structure import POLICIES, Structure, Watcher, discover
 

@@ -144,5 +144,6 @@ def trace_exploration(trace: Any) -> dict[str, float]:
     e = explore(trace, AnalysisOptions())
     if e is None:
         return {}
-    frac = np.where(e.min_distance >= 0, e.min_distance / max(e.bits, 1), np.nan)
-    return summarize_exploration(frac, e.switch_fraction, e.log_volume.value)
+    v = e.variables()[0]
+    return summarize_exploration(v["min_distance_fraction"].values,
+                                 v["switch_fraction"].values, v["log_volume"].values)

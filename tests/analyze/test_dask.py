@@ -21,7 +21,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
 
 from ntrace.analyze import AnalysisOptions, analyze_trace, open_results  # noqa: E402
 from ntrace.analyze import cluster as cluster_mod  # noqa: E402
-from ntrace.analyze.cluster import Cluster, split_plan, task_location  # noqa: E402
+from ntrace.analyze.cluster import Cluster, task_location  # noqa: E402
 from ntrace.analyze.exploration import (  # noqa: E402
     distance_rows,
     log_volume,
@@ -29,15 +29,18 @@ from ntrace.analyze.exploration import (  # noqa: E402
     min_previous_distance,
     switch_counts,
 )
+from ntrace.analyze.graph import split_plan  # noqa: E402
+from ntrace.analyze.metrics import METRICS  # noqa: E402
+from ntrace.analyze.metrics.changed import changed_unit_fraction_dense  # noqa: E402
 from ntrace.analyze.plan import make_plan  # noqa: E402
 from ntrace.cli import main  # noqa: E402
 from ntrace.errors import UsageError  # noqa: E402
-from ntrace.format.bits import pack  # noqa: E402
+from ntrace.format.bits import pack, unpack  # noqa: E402
 from ntrace.format.metadata import Sampling  # noqa: E402
 from ntrace.format.pack import pack_trace  # noqa: E402
 from ntrace.format.reader import open_trace  # noqa: E402
 
-from .conftest import mlp, record_run  # noqa: E402
+from .conftest import mlp, record_run, same_results  # noqa: E402
 
 SPEC_LIMIT = 16 << 10  # bytes: a task's pickled function and arguments stay below this
 
@@ -87,31 +90,6 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       probe_every=2)
 
 
-def _same(a: Any, b: Any, close: str | None = None) -> None:
-    """Every data variable and coordinate of two results bit for bit (NaN where NaN),
-    except those whose names start with ``close`` (all if ""): solved in other batches, they
-    stop at other points within the tolerance, so optima must agree within the sum of the
-    certified gaps, gaps stay below the tolerance, statuses agree, iteration counts may
-    differ and everything derived agrees to 1e-6."""
-    assert sorted(a.data_vars) == sorted(b.data_vars)
-    assert sorted(a.coords) == sorted(b.coords)
-    tol = a.attrs["ntrace"]["tolerance"]
-    for k in list(a.data_vars) + list(a.coords):
-        x, y = a[k].values, b[k].values
-        assert x.shape == y.shape, k
-        k = str(k)
-        if close is None or not k.startswith(close) or k.endswith("_status") or k in a.coords:
-            np.testing.assert_array_equal(x, y, err_msg=k)
-        elif k.endswith("_optimum") and k.replace("_optimum", "_gap") in a:
-            gaps = a[k.replace("_optimum", "_gap")].values + b[k.replace("_optimum", "_gap")]
-            np.testing.assert_array_equal(np.isnan(x), np.isnan(y), err_msg=k)
-            assert np.all(np.abs(x - y)[~np.isnan(x)] <= gaps.values[~np.isnan(x)] + 1e-12), k
-        elif k.endswith("_gap"):
-            assert np.nanmax(np.abs(x - y)) <= tol, k
-        elif not k.endswith("_iterations"):
-            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9, err_msg=k)
-
-
 @pytest.fixture
 def one_thread() -> Any:
     """Torch on one thread here, as in the worker processes (distributed sets
@@ -134,7 +112,7 @@ def test_cluster_matches_in_process_and_ships_no_trace_data(
     got = analyze_trace(wide, replace(opts, workers=2), cluster=cluster)
     # network, layers and exploration bit for bit; neurons solved in smaller batches than in
     # process differ by an ulp where batched BLAS kernels reassociate
-    _same(ref, got, close="neuron_")
+    same_results(ref, got, close="neuron_")
     assert {"network_optimum", "layer_optimum", "neuron_optimum", "neuron_best_response",
             "log_volume"} <= set(got.data_vars)
     # the work was cut: network, each layer, blocks of neurons, exploration parts
@@ -161,10 +139,29 @@ def test_cross_entropy_box_a_file_url_and_a_zip(cluster: Any, mlp_ce: Path, tmp_
     opts = AnalysisOptions(domain="box", checkpoints=5)
     ref = analyze_trace(mlp_ce, opts)
     got = analyze_trace(mlp_ce.resolve().as_uri(), replace(opts, workers=2), cluster=cluster)
-    _same(ref, got)
+    same_results(ref, got)
     pack_trace(mlp_ce, tmp_path / "ce.zip")
     got = analyze_trace(tmp_path / "ce.zip", replace(opts, workers=2), cluster=cluster)
-    _same(ref, got)
+    same_results(ref, got)
+
+
+def test_a_callers_client_runs_every_metric(cluster: Any, wide: Path,
+                                            one_thread: Any) -> None:
+    """A ``distributed.Client`` passed as it is: the same results, each exploration metric
+    cut into parts (the one added as a plugin too, against its dense reference), and the
+    client left open."""
+    opts = AnalysisOptions(scales=("network",), checkpoints=2, block_bytes=1 << 16)
+    ref = analyze_trace(wide, opts)
+    cluster.spy.spec.clear()
+    got = analyze_trace(wide, opts, cluster=cluster.client)
+    same_results(ref, got)
+    tr = open_trace(wide)
+    A = unpack(tr.read("probe/config"), tr.probe_units.total)
+    np.testing.assert_array_equal(got.changed_unit_fraction.values,
+                                  changed_unit_fraction_dense(A))
+    for metric in METRICS:
+        assert sum(f"-{metric.name}-" in k for k in cluster.spy.spec) > 1, metric.name
+    assert cluster.client.status == "running"
 
 
 def test_cli_runs_on_a_scheduler_address(cluster: Any, wide: Path, tmp_path: Path) -> None:
@@ -173,7 +170,7 @@ def test_cli_runs_on_a_scheduler_address(cluster: Any, wide: Path, tmp_path: Pat
                                     "--scale", "layer,neuron", "--no-figures", "-q"])
     assert res.exit_code == 0, res.output
     ref = analyze_trace(wide, AnalysisOptions(checkpoints=6, scales=("layer", "neuron")))
-    _same(ref, open_results(tmp_path / "a" / "results.zarr"), close="")
+    same_results(ref, open_results(tmp_path / "a" / "results.zarr"), close="")
     res = CliRunner().invoke(main, ["compare", str(wide), str(tmp_path / "a" / "results.zarr"),
                                     "--out", str(tmp_path / "c"), "--scheduler",
                                     cluster.address, "--checkpoints", "6", "--no-figures",

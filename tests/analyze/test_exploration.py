@@ -7,9 +7,12 @@ import math
 
 import numpy as np
 import pytest
+import xarray as xr
 
-from ntrace.analyze import AnalysisOptions, analyze_trace
+from ntrace.analyze import AnalysisOptions, analyze_trace, graph
 from ntrace.analyze.exploration import (
+    Configs,
+    Probe,
     log_volume,
     log_volume_dense,
     min_previous_distance,
@@ -18,6 +21,13 @@ from ntrace.analyze.exploration import (
     switch_fraction,
     switch_fraction_dense,
     to_words,
+)
+from ntrace.analyze.metrics import METRICS, Metric
+from ntrace.analyze.metrics.changed import (
+    ChangedUnits,
+    changed_unit_fraction,
+    changed_unit_fraction_dense,
+    first_changes,
 )
 from ntrace.format.bits import pack, unpack
 from ntrace.format.reader import open_trace
@@ -101,3 +111,90 @@ def test_exploration_of_a_recorded_trace(mlp_mse) -> None:
     np.testing.assert_array_equal(ds.snapshot_round.values, tr.read("probe/round_index"))
     assert (np.diff(ds.switch_fraction_sorted.values) <= 0).all()
     assert ds.attrs["ntrace"]["exploration"]["singular_value_floor"] == 1e-6
+
+
+# -- (d) the fraction of units whose state has ever changed: the metric added as a plugin ----
+def test_changed_units_hand_made() -> None:
+    A = np.array([
+        [[1, 0, 0], [0, 1, 0]],
+        [[1, 0, 0], [0, 1, 1]],  # unit 2 changes (at probe point 1)
+        [[0, 1, 1], [1, 0, 1]],  # units 0 and 1 too
+        [[1, 0, 0], [0, 1, 0]],  # back to snapshot 0: they have still changed
+    ], dtype=bool)
+    rows, _ = _readers(A)
+    np.testing.assert_array_equal(first_changes(rows, 4, 3), [2, 2, 1])
+    np.testing.assert_allclose(changed_unit_fraction(rows, 4, 3), [0, 1 / 3, 1, 1])
+    np.testing.assert_allclose(changed_unit_fraction_dense(A), [0, 1 / 3, 1, 1])
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3), (13, 9, 17), (33, 4, 70)])
+def test_changed_units_packed_parts_and_dense_agree(shape: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(sum(shape) + 1)
+    K, Q, M = shape
+    first = rng.integers(1, K + 1, M)  # each unit's first change; K: it never changes
+    first[0], first[-1] = K, 1
+    A = np.repeat(rng.random((1, Q, M)) < 0.4, K, axis=0)
+    for u in np.nonzero(first < K)[0]:
+        A[first[u]:, rng.integers(Q), u] ^= True  # one probe point flips at first[u]
+        A[first[u] + 1:, :, u] ^= rng.random((K - first[u] - 1, Q)) < 0.3  # then any
+    rows, _ = _readers(A)
+    dense = changed_unit_fraction_dense(A)
+    np.testing.assert_array_equal(first_changes(rows, K, M), first)
+    assert 0 < dense[-1] < 1
+    probe = Probe(K, Q, M, (M + 7) // 8)
+    metric = ChangedUnits()
+    for block in (64, 1 << 12, 1 << 20):
+        np.testing.assert_array_equal(changed_unit_fraction(rows, K, M, block), dense)
+        opts = AnalysisOptions(block_bytes=max(block, 1 << 16))
+        for tasks in (1, 3, 8):
+            parts = metric.parts(probe, opts, tasks)
+            assert parts[0][0] == 0 and parts[-1][1] == K and len(parts) == max(1, tasks // 2)
+            got = [first_changes(rows, K, M, block, part=p) for p in parts]
+            np.testing.assert_array_equal(metric.combine(probe, got, opts), dense)
+
+
+def test_every_registered_metric_lands_in_the_results(mlp_mse) -> None:
+    names = [m.name for m in METRICS]
+    assert len(set(names)) == len(names) and "hindsight" not in names
+    ds = analyze_trace(mlp_mse, AnalysisOptions(scales=("network",), checkpoints=2))
+    tr = open_trace(mlp_mse)
+    A = unpack(tr.read("probe/config"), tr.probe_units.total)
+    np.testing.assert_array_equal(ds.changed_unit_fraction.values,
+                                  changed_unit_fraction_dense(A))
+    assert ds.changed_unit_fraction.dims == ("snapshot",)
+    probe = Probe.of(tr)
+    for m in METRICS:
+        value = m.combine(probe, [m.compute(Configs.of(tr, probe.snapshots), probe, p,
+                                            AnalysisOptions())
+                                  for p in m.parts(probe, AnalysisOptions(), 1)],
+                          AnalysisOptions())
+        for k, v in m.variables(probe, value).items():
+            np.testing.assert_array_equal(ds[k].values, v.values, err_msg=k)
+
+
+class _Active(Metric):
+    """A metric defined outside the package: per snapshot, the active states."""
+
+    name = "active"
+
+    def parts(self, probe, opts, tasks):
+        return [(0, probe.snapshots)]
+
+    def compute(self, configs, probe, part, opts):
+        return popcount(to_words(configs.rows(*part))).sum(axis=(1, 2), dtype=np.int64)
+
+    def combine(self, probe, results, opts):
+        return np.concatenate(results)
+
+    def variables(self, probe, value):
+        return {"active_states": xr.Variable("snapshot", value)}
+
+
+def test_a_registered_metric_needs_nothing_else(mlp_mse, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    monkeypatch.setattr(graph, "METRICS", (*METRICS, _Active()))
+    ds = analyze_trace(mlp_mse, AnalysisOptions(scales=("network",), checkpoints=2))
+    tr = open_trace(mlp_mse)
+    A = unpack(tr.read("probe/config"), tr.probe_units.total)
+    np.testing.assert_array_equal(ds.active_states.values, A.sum(axis=(1, 2)))
+    assert "changed_unit_fraction" in ds
