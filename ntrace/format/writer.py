@@ -21,12 +21,13 @@ same rounds, and a barrier orders process 0's metadata writes against the others
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as _dt
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +41,7 @@ from zarr.core.sync import sync
 from ntrace.errors import UsageError, WriterError
 from ntrace.format import layout as L
 from ntrace.format.checkpoint import Checkpoint, other_slot, read_checkpoint, write_checkpoint
+from ntrace.format.lock import OutputLock
 from ntrace.format.metadata import (
     ATTR_KEY,
     Commit,
@@ -53,6 +55,19 @@ from ntrace.format.store import prepare_output, publish, staging_dir
 ROUND_CHUNK = 4096
 CHUNK_BYTES = 2 << 20  # target uncompressed bytes per chunk along an append dimension
 MAX_ROWS_PER_CHUNK = {L.TAYLOR: 32, L.SNAPSHOT: 64}
+# rows an append dimension starts with (fewer when fewer are expected); it then doubles, so
+# a trace declares at most twice the rows it holds (spec 'Growth')
+INITIAL_ROWS = {L.ROUND: ROUND_CHUNK, L.TAYLOR: 256, L.SNAPSHOT: 64}
+DIMS = (L.ROUND, L.TAYLOR, L.SNAPSHOT)
+
+
+def grown(capacity: int, need: int, limit: int | None) -> int:
+    """The capacity after growing ``capacity`` to hold ``need`` rows: doubled, but not past
+    ``limit`` (the rows the run expects) while ``need`` is within it."""
+    new = max(need, 2 * capacity)
+    if limit is not None and need <= limit:
+        new = min(new, limit)
+    return new
 
 
 def _compressors(kind: str) -> tuple[Any, ...]:
@@ -144,7 +159,11 @@ class TraceWriter:
         self._capacity: dict[str, int] = {}
         self._counts = {L.ROUND: 0, L.TAYLOR: 0, L.SNAPSHOT: 0}
         self._staged: dict[str, list[np.ndarray]] = {}
-        self._written: dict[str, int] = {}
+        self._written: dict[str, int] = {}  # rows whose chunk writes completed, per array
+        self._marks: list[tuple[int, int, int]] = []  # counts after each uncommitted round
+        self._limit: dict[str, int | None] = dict.fromkeys(DIMS)  # expected rows per dim
+        self._failed: BaseException | None = None  # the first write error: nothing after it
+        self._lock: OutputLock | None = None  # released by close (when this writer took it)
         self._last_commit = time.monotonic()
         self._closed = False
 
@@ -155,10 +174,13 @@ class TraceWriter:
                expected_rounds: int | None = None, overwrite: bool = False,
                commit_seconds: float = 1.0,
                modules: list[ModuleAttrs] | None = None,
-               coordinator: Coordinator | None = None) -> TraceWriter:
+               coordinator: Coordinator | None = None,
+               lock: OutputLock | None = None) -> TraceWriter:
         """Create the store, every group and array, and the first (empty) commit.
 
-        With a ``coordinator`` this is process 0's part; the other processes call
+        The writer holds the output's lock (``lock``, which the caller took and releases, or
+        one it takes itself and releases on :meth:`close`) before anything at ``path`` is
+        touched. With a ``coordinator`` this is process 0's part; the other processes call
         :meth:`join` once it returned (the caller orders the two)."""
         world = 1 if coordinator is None else coordinator.world_size
         if coordinator is not None and coordinator.rank != 0:
@@ -176,6 +198,18 @@ class TraceWriter:
                     or t[-1] >= la.out_features:
                 raise UsageError(f"layer {la.name}: tracked neurons must be a non-empty sorted "
                                  f"list of distinct indices below {la.out_features}")
+        with _locked(path, lock) as own:
+            self = cls._create(path, attrs, layers, tracked, probe, expected_rounds, overwrite,
+                               commit_seconds, modules, coordinator)
+            self._lock = own
+        return self
+
+    @classmethod
+    def _create(cls, path: str | os.PathLike[str], attrs: TraceAttrs, layers: list[LayerAttrs],
+                tracked: Mapping[str, np.ndarray], probe: ProbeSetup | None,
+                expected_rounds: int | None, overwrite: bool, commit_seconds: float,
+                modules: list[ModuleAttrs] | None,
+                coordinator: Coordinator | None) -> TraceWriter:
         p = prepare_output(path, overwrite)
         now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         attrs = replace(attrs, created=attrs.created or now, status="running",
@@ -189,12 +223,15 @@ class TraceWriter:
             shutil.rmtree(staging, ignore_errors=True)
             raise WriterError(f"cannot create trace {p}: {exc.strerror or exc}") from exc
         self = cls(root, attrs, layers, tracked, probe, commit_seconds, modules, coordinator)
-        rounds = max(int(expected_rounds or 1024), 1)
-        taylor = max(rounds // attrs.sampling.taylor_every + 1, 1)
-        snaps = 1
-        if probe is not None and attrs.sampling.probe_every > 0:
-            snaps = rounds // attrs.sampling.probe_every + 1
-        self._initial = {L.ROUND: rounds, L.TAYLOR: taylor, L.SNAPSHOT: snaps}
+        if expected_rounds:
+            rounds = max(int(expected_rounds), 1)
+            snaps = 1
+            if probe is not None and attrs.sampling.probe_every > 0:
+                snaps = rounds // attrs.sampling.probe_every + 1
+            self._limit = {L.ROUND: rounds, L.TAYLOR: rounds // attrs.sampling.taylor_every + 1,
+                           L.SNAPSHOT: snaps}
+        self._initial = {d: min(INITIAL_ROWS[d], self._limit[d] or INITIAL_ROWS[d])
+                         for d in DIMS}
         try:
             self._create_arrays()
             self._publish(staging, p)
@@ -330,6 +367,9 @@ class TraceWriter:
         probe snapshot. Checks every shape and dtype against the layout first."""
         if self._closed:
             raise UsageError("the trace writer is closed")
+        if self._failed is not None:
+            raise WriterError(f"the trace writer failed earlier ({_why(self._failed)}); "
+                              "close it: the trace keeps the rounds written before")
         n = self._counts[L.ROUND]
         if taylor is not None:
             if taylor.round_index != n:
@@ -381,32 +421,33 @@ class TraceWriter:
             if self._coord is not None and self._layouts[path].append_dim == L.TAYLOR:
                 raise WriterError(f"{path}: row {index} is past the capacity {cap} that "
                                   "process 0 reserved (the processes wrote different rounds)")
-            new = max(cap * 2, index + 1)
+            new = grown(cap, index + 1, self._limit[self._layouts[path].append_dim])
             arr.resize((new, *arr.shape[1:]))
             self._capacity[path] = new
         return arr
 
     def _reserve_taylor(self, rows: int) -> None:
         """Multi-process: make every ``taylor_round`` array hold ``rows`` rows before anyone
-        writes them. Capacity doubles at the same rounds on every process; process 0 resizes
+        writes them. Capacity grows at the same rounds on every process; process 0 resizes
         (writes the array documents), a barrier follows, the others then reread them."""
         paths = [p for p, lay in self._layouts.items()
                  if lay.append_dim == L.TAYLOR and p in self._capacity]
         cap = min((self._capacity[p] for p in paths), default=rows)
         if rows <= cap:
             return
-        new = max(cap * 2, rows)
         assert self._coord is not None
         if self._coord.rank == 0:
+            new = grown(cap, rows, self._limit[L.TAYLOR])
             for p in paths:
                 if self._capacity[p] < new:
                     arr = self._arrays[p]
                     arr.resize((new, *arr.shape[1:]))
+                self._capacity[p] = new
         self._coord.barrier()
-        for p in paths:
-            if self._coord.rank != 0:
+        if self._coord.rank != 0:
+            for p in paths:
                 self._arrays[p] = self._root[p]  # the document process 0 just wrote
-            self._capacity[p] = new
+                self._capacity[p] = self._arrays[p].shape[0]
 
     def _write_round(self, loss: float, taylor: TaylorRound | None,
                      snapshot: Snapshot | None) -> None:
@@ -440,6 +481,8 @@ class TraceWriter:
         self._counts[L.ROUND] += 1
         self._counts[L.TAYLOR] += taylor is not None
         self._counts[L.SNAPSHOT] += snapshot is not None
+        self._marks.append((self._counts[L.ROUND], self._counts[L.TAYLOR],
+                            self._counts[L.SNAPSHOT]))
         try:
             if self._coord is None and self.due():  # multi-process commits are collective
                 self.commit()
@@ -454,31 +497,68 @@ class TraceWriter:
         return time.monotonic() - self._last_commit >= self._commit_seconds
 
     def _flush(self, full_chunks_only: bool) -> None:
-        """Write staged rows: whole chunks only, or everything (before a commit)."""
-        jobs = []
+        """Write staged rows: whole chunks only, or everything (before a commit).
+
+        A row leaves the stage, and counts as written, only once every chunk write of its
+        array's block completed. The first error is kept: after it nothing more is written,
+        and commits count only rows written before it (spec 'Commit protocol')."""
+        if self._failed is not None:
+            raise self._failed
         world = self._attrs.sampling.world_size
+        blocks = []
         for path, staged in self._staged.items():
             if not staged:
                 continue
-            arr = self._arrays[path]
             start = self._written[path]
             stop = start + len(staged)
             if full_chunks_only:
-                c = arr.chunks[0]
+                c = self._arrays[path].chunks[0]
                 stop = stop - stop % c
                 if stop <= start:
                     continue
-            block = np.stack(staged[: stop - start])
-            self._ensure(path, stop - 1)
+            blocks.append((path, start, stop))
+        if not blocks:
+            return
+        try:
+            for path, _, stop in blocks:
+                self._ensure(path, stop - 1)
+        except Exception as exc:
+            self._failed = exc
+            raise
+        jobs = []
+        for path, start, stop in blocks:
+            block = np.stack(self._staged[path][: stop - start])
             where: Any = slice(start, stop)
             if world > 1 and self._layouts[path].per_sample:
                 part = block.shape[1]  # this process's block of the sample axis, own chunks
                 where = (where, slice(self.rank * part, (self.rank + 1) * part))
-            jobs.append(arr.async_array.setitem(where, block))
-            del staged[: stop - start]
-            self._written[path] = stop
-        if jobs:
-            sync(_gather(jobs))
+            jobs.append(self._arrays[path].async_array.setitem(where, block))
+        results = sync(_gather(jobs, return_exceptions=True))
+        for (path, start, stop), result in zip(blocks, results, strict=True):
+            if isinstance(result, BaseException):
+                self._failed = self._failed or result
+            else:
+                del self._staged[path][: stop - start]
+                self._written[path] = stop
+        if self._failed is not None:
+            raise self._failed
+
+    def _committable(self) -> Commit:
+        """The longest prefix of rounds all of whose rows are written: per append dimension
+        the fewest rows written to any of its arrays (this process's), then the last round
+        at which every dimension's count is within those."""
+        written = dict(self._counts)
+        for path, n in self._written.items():
+            dim = self._layouts[path].append_dim
+            assert dim is not None
+            written[dim] = min(written[dim], n)
+        c = self._attrs.commit
+        if written == self._counts:
+            return Commit(*(self._counts[d] for d in DIMS))
+        for mark in reversed(self._marks):
+            if all(m <= written[d] for m, d in zip(mark, DIMS, strict=True)):
+                return Commit(*mark)
+        return c
 
     def commit(self) -> None:
         """Write every staged row, then make them visible to readers (one atomic write).
@@ -488,13 +568,17 @@ class TraceWriter:
         self._flush(full_chunks_only=False)
         if self._coord is not None:
             self._coord.barrier()
-        c = Commit(rounds=self._counts[L.ROUND], taylor_rounds=self._counts[L.TAYLOR],
-                   snapshots=self._counts[L.SNAPSHOT])
-        if c != self._attrs.commit:
+        self._commit(self._committable())
+
+    def _commit(self, c: Commit, **changes: Any) -> None:
+        """Write the root document with commit ``c`` (and ``changes`` to other attributes)."""
+        if c != self._attrs.commit or changes:
+            new = replace(self._attrs, commit=c, **changes)
             if self.rank == 0:
-                self._set_attrs(replace(self._attrs, commit=c))
+                self._set_attrs(new)
             else:
-                self._attrs = replace(self._attrs, commit=c)
+                self._attrs = new
+        self._marks = [m for m in self._marks if m[0] > c.rounds]
         self._last_commit = time.monotonic()
 
     def write_checkpoint(self, round_index: int, arrays: Mapping[str, np.ndarray],
@@ -519,18 +603,27 @@ class TraceWriter:
                               f"{exc.strerror or exc}") from exc
 
     @classmethod
-    def reopen(cls, path: str | os.PathLike[str], commit_seconds: float = 1.0
-               ) -> tuple[TraceWriter, Checkpoint]:
-        """Open a trace for appending from its last checkpoint (``ntrace record --resume``).
+    def reopen(cls, path: str | os.PathLike[str], commit_seconds: float = 1.0,
+               lock: OutputLock | None = None) -> tuple[TraceWriter, Checkpoint]:
+        """Open a trace for appending from its last checkpoint (``ntrace record --resume``),
+        holding its lock as :meth:`create` does.
 
         Rounds committed after the checkpoint are dropped: the commit is set back to the
         checkpoint's (the one case where a commit goes down, spec 'Checkpoints')."""
+        with _locked(path, lock) as own:
+            self, ck = cls._reopen(path, commit_seconds)
+            self._lock = own
+        return self, ck
+
+    @classmethod
+    def _reopen(cls, path: str | os.PathLike[str], commit_seconds: float
+                ) -> tuple[TraceWriter, Checkpoint]:
         from ntrace.format.reader import open_trace
 
         tr = open_trace(path)
         if tr.attrs.checkpoint is None:
-            raise UsageError(f"{path} holds no checkpoint, so it cannot be resumed; traces of "
-                             "built-in tasks are checkpointed every epoch")
+            raise UsageError(f"{path} holds no checkpoint, so it cannot be resumed; runs of "
+                             "built-in tasks are checkpointed at the end of their first epoch")
         root = zarr.open_group(store=zarr.storage.LocalStore(Path(path)), mode="r+",
                                zarr_format=3, use_consolidated=False)
         ck = read_checkpoint(root, tr.attrs.checkpoint["slot"])
@@ -573,22 +666,59 @@ class TraceWriter:
             self._closed = True
             if self._coord is not None:
                 self._coord.barrier()
+            if self._lock is not None:
+                self._lock.release()
 
     def _finish(self, status: str, reason: str | None) -> None:
-        self.commit()
-        if self.rank != 0:
-            return
-        for path, arr in self._arrays.items():
-            dim = self._layouts[path].append_dim
-            if dim is not None and arr.shape[0] != self._counts[dim]:
-                arr.resize((self._counts[dim], *arr.shape[1:]))
-        self._set_attrs(replace(self._attrs, status=status, status_reason=reason))
-        # Consolidated metadata (a zarr-python convention other readers may ignore) lets
-        # plain ``xarray.open_datatree`` open a finished trace with one metadata read.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=UserWarning)
-            zarr.consolidate_metadata(self._root.store)
+        """Write what is staged, trim every array to the rows the final commit counts, then
+        write the commit and the status in one root document.
+
+        After a write error nothing more is written but those documents: the commit counts
+        the rows written before the error and the status is ``aborted`` with the reason.
+        Trimming first deletes the chunks past the commit, which frees space on a full disk;
+        if even these writes fail, the trace keeps its last commit and status ``running``."""
+        if self._failed is None:
+            try:
+                self._flush(full_chunks_only=False)
+            except Exception:  # noqa: BLE001 - kept in self._failed, reported below
+                pass
+        if self._failed is not None and status != "aborted":
+            status, reason = "aborted", f"writing the trace failed: {_why(self._failed)}"
+        if self._coord is not None:
+            self._coord.barrier()
+        c = self._committable()
+        if self.rank == 0:
+            for path, arr in self._arrays.items():
+                dim = self._layouts[path].append_dim
+                n = None if dim is None else getattr(c, L.COMMIT_FIELD[dim])
+                if n is not None and arr.shape[0] != n:
+                    arr.resize((n, *arr.shape[1:]))
+        self._commit(c, status=status, status_reason=reason)
+        if self.rank == 0 and self._failed is None:
+            # Consolidated metadata (a zarr-python convention other readers may ignore) lets
+            # plain ``xarray.open_datatree`` open a finished trace with one metadata read.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", category=UserWarning)
+                zarr.consolidate_metadata(self._root.store)
 
 
-async def _gather(jobs: list[Any]) -> list[Any]:
-    return list(await asyncio.gather(*jobs))
+async def _gather(jobs: list[Any], return_exceptions: bool = False) -> list[Any]:
+    return list(await asyncio.gather(*jobs, return_exceptions=return_exceptions))
+
+
+def _why(exc: BaseException) -> str:
+    return str(getattr(exc, "strerror", None) or exc)
+
+
+@contextlib.contextmanager
+def _locked(path: str | os.PathLike[str], lock: OutputLock | None
+            ) -> Iterator[OutputLock | None]:
+    """Hold ``lock``, or a lock of ``path`` taken here (yielded), which is released if the
+    body fails and otherwise handed to the writer the body made."""
+    own = OutputLock.acquire(path) if lock is None else None
+    try:
+        yield own
+    except BaseException:
+        if own is not None:
+            own.release()
+        raise
