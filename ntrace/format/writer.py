@@ -414,17 +414,24 @@ class TraceWriter:
         for name, state in t.modules.items():
             self._check(f"modules/{name}/state", state)
 
-    def _ensure(self, path: str, index: int) -> Any:
-        arr = self._arrays[path]
-        cap = self._capacity[path]
-        if index >= cap:
-            if self._coord is not None and self._layouts[path].append_dim == L.TAYLOR:
-                raise WriterError(f"{path}: row {index} is past the capacity {cap} that "
+    def _grow(self, rows: Mapping[str, int]) -> None:
+        """Make each array ``path`` in ``rows`` hold ``rows[path]`` rows, growing those that
+        are too short (spec 'Growth'), all at once: a growth rewrites one document each."""
+        jobs, grown_to = [], {}
+        for path, need in rows.items():
+            cap = self._capacity[path]
+            if need <= cap:
+                continue
+            dim = self._layouts[path].append_dim
+            if self._coord is not None and dim == L.TAYLOR:
+                raise WriterError(f"{path}: row {need - 1} is past the capacity {cap} that "
                                   "process 0 reserved (the processes wrote different rounds)")
-            new = grown(cap, index + 1, self._limit[self._layouts[path].append_dim])
-            arr.resize((new, *arr.shape[1:]))
-            self._capacity[path] = new
-        return arr
+            arr = self._arrays[path]
+            grown_to[path] = grown(cap, need, self._limit[dim])
+            jobs.append(arr.async_array.resize((grown_to[path], *arr.shape[1:])))
+        if jobs:
+            sync(_gather(jobs))
+            self._capacity.update(grown_to)
 
     def _reserve_taylor(self, rows: int) -> None:
         """Multi-process: make every ``taylor_round`` array hold ``rows`` rows before anyone
@@ -520,8 +527,7 @@ class TraceWriter:
         if not blocks:
             return
         try:
-            for path, _, stop in blocks:
-                self._ensure(path, stop - 1)
+            self._grow({path: stop for path, _, stop in blocks})
         except Exception as exc:
             self._failed = exc
             raise
