@@ -11,19 +11,22 @@ file sees that the path now names another file and starts again).
 
 The lock file lies outside the trace and is not part of the format. The lock is advisory: it
 orders ntrace writers (on one machine, or on file systems whose ``flock`` spans machines), not
-other programs. Where ``fcntl`` does not exist (Windows) it is a no-op.
+other programs. Where ``fcntl`` does not exist (Windows) or the file system cannot lock, it is a
+no-op.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
-from ntrace.errors import TraceExistsError, UsageError
+from ntrace.errors import TraceExistsError, UsageError, WriterError
 from ntrace.format.store import output_path
 
 try:
@@ -32,6 +35,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 MAX_HOLDER_BYTES = 4096
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def lock_file(path: str | os.PathLike[str]) -> Path:
@@ -57,11 +61,18 @@ class OutputLock:
         if fcntl is None:  # pragma: no cover - Windows
             return cls(lf, None)
         while True:
-            try:
-                fd = os.open(lf, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise UsageError(f"cannot write trace {target}: cannot create its lock file "
-                                 f"{lf.name} ({exc.strerror or exc})") from exc
+            try:  # never through a link, never blocking on a FIFO planted there
+                fd = os.open(lf, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK, 0o644)
+            except OSError as exc:  # where no lock file can be made, no trace can either
+                if exc.errno == errno.ELOOP:
+                    raise UsageError(f"cannot write trace {target}: its lock file {lf} is a "
+                                     "symbolic link; remove it") from exc
+                raise WriterError(f"cannot create trace {target}: cannot create its lock "
+                                  f"file {lf.name} ({exc.strerror or exc})") from exc
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise UsageError(f"cannot write trace {target}: its lock file {lf} is not a "
+                                 "regular file; remove it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -70,10 +81,8 @@ class OutputLock:
                 raise TraceExistsError(
                     f"{target} is being written by another ntrace process ({holder}); wait "
                     "for it to finish or stop it, or choose another output path") from None
-            except OSError as exc:  # e.g. a file system without locks
-                os.close(fd)
-                raise UsageError(f"cannot write trace {target}: cannot lock {lf.name} "
-                                 f"({exc.strerror or exc})") from exc
+            except OSError:  # a file system without locks: write unserialised, as before
+                break
             try:
                 same = os.stat(lf).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:

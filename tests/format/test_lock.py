@@ -156,3 +156,22 @@ def test_ntrace_record_refuses_a_trace_in_use_with_exit_4(tmp_path: Path) -> Non
         finish(child)
     report = validate_trace(path)
     assert report.ok and report.attrs is not None and report.attrs.commit.rounds == 3
+
+
+def test_a_planted_lock_file_is_never_followed_or_blocked_on(tmp_path: Path) -> None:
+    """A link planted at the lock file's name would make the writer truncate its target; a
+    FIFO would block it. Both are refused in one line, the target untouched."""
+    from ntrace.errors import UsageError
+
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep")
+    path = tmp_path / "t.zarr"
+    lock_file(path).symlink_to(precious)
+    with pytest.raises(UsageError, match="is a symbolic link; remove it"):
+        make_writer(path)
+    assert precious.read_text() == "keep" and not path.exists()
+    lock_file(path).unlink()
+    os.mkfifo(lock_file(path))
+    with pytest.raises(UsageError, match="is not a regular file; remove it"):
+        make_writer(path)
+    assert not path.exists()
