@@ -12,7 +12,8 @@
 Writers create traces only in local directories, atomically: the hierarchy is built in a
 hidden staging directory next to the output and renamed into place (``staging_dir`` and
 ``publish``), so a path holds either no trace or one that opens; an old trace being
-overwritten is first renamed aside, then deleted.
+overwritten is first renamed aside, then deleted. Writers do this under the output's lock
+(:mod:`ntrace.format.lock`), taken first.
 """
 
 from __future__ import annotations

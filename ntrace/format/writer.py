@@ -1,14 +1,19 @@
 """Writing Taylor traces (format 1.x): create, append rounds, commit, close.
 
 The writer knows only numpy and zarr. ``write_round`` checks shapes and dtypes at the
-boundary; ``_write_round`` does the work. Arrays are pre-allocated with spare capacity along
-their append dimension and grow by doubling, so appending a round rewrites no metadata in the
-common case. Rows are staged in memory and written a whole chunk at a time (chunks hold up to
-``CHUNK_BYTES``), all arrays' chunks concurrently through zarr's async API: per-call overhead,
-not bandwidth, is what costs on small rounds. The commit protocol (spec 'Commit protocol'):
-rows are written first, then the root attribute ``commit`` is rewritten (one atomic key) to
-count them; readers trust only committed rows. At least every ``commit_seconds`` all staged
-rows are written and committed. ``close`` trims arrays to the committed length.
+boundary; ``_write_round`` does the work. Arrays start with a modest capacity along their
+append dimension and grow by doubling (spec 'Growth'), so appending a round rewrites no
+metadata in the common case and a trace never declares much more than it holds. Rows are
+staged in memory and written a whole chunk at a time (chunks hold up to ``CHUNK_BYTES``), all
+arrays' chunks concurrently through zarr's async API: per-call overhead, not bandwidth, is
+what costs on small rounds. The commit protocol (spec 'Commit protocol'): rows are written
+first, then the root attribute ``commit`` is rewritten (one atomic key) to count them; readers
+trust only committed rows. A row leaves the stage only once its chunk writes completed, and
+a commit counts the longest prefix of rounds whose rows all did; after a write error nothing
+more is written and ``close`` marks the trace ``aborted`` with the reason. At least every
+``commit_seconds`` all staged rows are written and committed. ``close`` trims arrays to the
+committed length. A writer holds the output's lock (:mod:`ntrace.format.lock`) from before
+anything at the path is touched until it is closed.
 
 Several processes may write one trace together (spec 'Multi-process writing'): given a
 :class:`Coordinator`, process ``r`` writes only its block of the ``sample`` axis of the
