@@ -320,7 +320,6 @@ def np_equal(a: Any, b: Any) -> bool:
 def _mount_tmpfs(path: Path, size: int) -> bool:
     import subprocess
 
-    path.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                           capture_output=True)
     return done.returncode == 0
@@ -333,8 +332,9 @@ def _umount(path: Path) -> None:
 
 
 def run_disk_full(sizes: list[int], steps: int = 1200, seed: int = 0, work: Path | None = None,
-                  log: Any = None) -> dict[str, Any]:
-    """Record into a file system of each size (see the module docstring); a summary."""
+                  log: Any = None, simulate: bool = False) -> dict[str, Any]:
+    """Record into a file system of each size (see the module docstring; ``simulate``: a
+    byte-limited store even where a tmpfs could be mounted); a summary."""
     from ntrace.errors import NtraceError
     from ntrace.format.lock import lock_file
     from ntrace.format.validate import validate_trace
@@ -342,7 +342,7 @@ def run_disk_full(sizes: list[int], steps: int = 1200, seed: int = 0, work: Path
     ctx = context()
     tmp = Path(tempfile.mkdtemp(prefix="ntrace-full-", dir=work))
     rows: list[dict[str, Any]] = []
-    simulated = False
+    simulated = simulate
     try:
         reference = tmp / "reference.zarr"
         ref = _finished(_start(ctx, reference, steps, seed, "sgd", tmp / "ref.json"),
@@ -351,6 +351,7 @@ def run_disk_full(sizes: list[int], steps: int = 1200, seed: int = 0, work: Path
             raise RuntimeError(f"the reference recording failed: {ref['message']}")
         for i, size in enumerate(sizes):
             disk = tmp / f"disk{i}"
+            disk.mkdir()
             mounted = not simulated and _mount_tmpfs(disk, size)
             simulated = simulated or not mounted
             try:
