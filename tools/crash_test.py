@@ -98,22 +98,36 @@ def record_child(out: str, steps: int, seed: int, progress: str) -> None:
 
 
 def _limit_store_bytes(budget: int) -> None:
-    """Make zarr's local stores refuse (ENOSPC) every write once ``budget`` bytes were
-    written: a full disk where no tmpfs can be mounted."""
+    """Make zarr's local stores behave as on a disk of ``budget`` bytes: a write that does not
+    fit fails (ENOSPC) while smaller ones still may, a replaced or deleted key frees its
+    bytes; a full disk where no tmpfs can be mounted."""
     import errno
 
     import zarr.storage
 
-    original = zarr.storage.LocalStore.set
+    original = {name: getattr(zarr.storage.LocalStore, name) for name in ("set", "delete")}
     used = [0]
 
+    def size(store: Any, key: str) -> int:
+        try:
+            return os.path.getsize(Path(store.root) / key)
+        except OSError:
+            return 0
+
     async def set_(self: Any, key: str, value: Any) -> None:
-        used[0] += len(value)
-        if used[0] > budget:
+        if used[0] + len(value) > budget:  # the new copy is written beside the old one
             raise OSError(errno.ENOSPC, "No space left on device (simulated)")
-        await original(self, key, value)
+        old = size(self, key)
+        await original["set"](self, key, value)
+        used[0] += len(value) - old
+
+    async def delete(self: Any, key: str) -> None:
+        old = size(self, key)
+        await original["delete"](self, key)
+        used[0] -= old
 
     zarr.storage.LocalStore.set = set_  # type: ignore[method-assign]
+    zarr.storage.LocalStore.delete = delete  # type: ignore[method-assign]
 
 
 def outcome_child(out: str, steps: int, seed: int, optimizer: str, result: str,
