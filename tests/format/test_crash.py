@@ -213,7 +213,7 @@ def test_a_full_disk_never_leaves_unwritten_rows_in_the_commit(tmp_path: Path) -
     """Issue 18: on a full disk the commit counted rows never written (NaN Jacobians in a
     'valid' prefix). Two stores too small for the run (simulated: a store refusing writes
     past that many bytes); `python tools/crash_test.py --disk-full` uses real tmpfs mounts."""
-    summary = _crash_tool().run_disk_full([200 << 10, 1 << 20], steps=150, seed=1,
+    summary = _crash_tool().run_disk_full([200 << 10, 2 << 20], steps=150, seed=1,
                                           work=tmp_path, simulate=True)
     assert summary["filled"] == 2 and summary["exit_codes"] == [10]
     assert summary["committed_unwritten"] == 0 and summary["invalid"] == 0, summary["results"]
