@@ -175,3 +175,24 @@ def test_a_planted_lock_file_is_never_followed_or_blocked_on(tmp_path: Path) -> 
     with pytest.raises(UsageError, match="is not a regular file; remove it"):
         make_writer(path)
     assert not path.exists()
+
+
+def test_a_lock_kept_by_a_child_of_a_dead_writer_says_so(tmp_path: Path) -> None:
+    """A writer's child (say a data-loader worker) inherits the lock: when the writer dies
+    first, the lock stays held and the message says the named process has ended."""
+    import fcntl
+    import json
+
+    path = tmp_path / "t.zarr"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    fd = os.open(lock_file(path), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the inherited descriptor, held here
+        os.write(fd, json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                 "started": "2026-01-01T00:00:00+00:00"}).encode())
+        with pytest.raises(TraceExistsError, match=f"process {int(dead.stdout)} has ended"):
+            make_writer(path)
+    finally:
+        os.close(fd)
+    make_writer(path).close()  # released with its last descriptor
