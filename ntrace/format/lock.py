@@ -17,12 +17,14 @@ no-op.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import json
 import os
 import socket
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,20 @@ class OutputLock:
             self.release()
         except Exception:  # noqa: BLE001 - never raise from a finaliser
             pass
+
+
+@contextlib.contextmanager
+def holding(path: str | os.PathLike[str], lock: OutputLock | None
+            ) -> Iterator[OutputLock | None]:
+    """Hold ``lock`` (the caller's), or a lock of ``path`` taken here and yielded, which is
+    released if the body fails and otherwise handed on (to the writer the body made)."""
+    own = OutputLock.acquire(path) if lock is None else None
+    try:
+        yield own
+    except BaseException:
+        if own is not None:
+            own.release()
+        raise
 
 
 def _write_holder(fd: int) -> None:

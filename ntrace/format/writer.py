@@ -26,14 +26,13 @@ same rounds, and a barrier orders process 0's metadata writes against the others
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as _dt
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,16 +45,18 @@ from zarr.core.sync import sync
 from ntrace.errors import UsageError, WriterError
 from ntrace.format import layout as L
 from ntrace.format.checkpoint import Checkpoint, other_slot, read_checkpoint, write_checkpoint
-from ntrace.format.lock import OutputLock
+from ntrace.format.lock import OutputLock, holding
 from ntrace.format.metadata import (
     ATTR_KEY,
     Commit,
     LayerAttrs,
     ModuleAttrs,
-    ProbeUnits,
     TraceAttrs,
 )
+from ntrace.format.rows import LAYER_FIELDS, LayerRound, ProbeSetup, Snapshot, TaylorRound
 from ntrace.format.store import prepare_output, publish, staging_dir
+
+__all__ = ["Coordinator", "LayerRound", "ProbeSetup", "Snapshot", "TaylorRound", "TraceWriter"]
 
 ROUND_CHUNK = 4096
 CHUNK_BYTES = 2 << 20  # target uncompressed bytes per chunk along an append dimension
@@ -96,52 +97,6 @@ class Coordinator(Protocol):
     world_size: int
 
     def barrier(self) -> None: ...
-
-
-@dataclass
-class LayerRound:
-    """One tracked layer's data for one Taylor round (s = recorded samples, p = outputs)."""
-
-    weight: np.ndarray  # (neuron, in_feature)
-    input: np.ndarray  # (s, in_feature)
-    bias: np.ndarray | None = None  # (neuron,)
-    jacobian: np.ndarray | None = None  # (s, p, tracked, *positions)
-    mask: np.ndarray | None = None  # (s, neuron_byte) packed uint8
-    mask_high: np.ndarray | None = None  # hardtanh only: a >= max_val, packed
-    slope: np.ndarray | None = None  # prelu only: (num_parameters,)
-
-
-LAYER_FIELDS = ("weight", "bias", "input", "jacobian", "mask", "mask_high", "slope")
-
-
-@dataclass
-class TaylorRound:
-    """The Taylor data of one recorded round."""
-
-    round_index: int
-    sample_index: np.ndarray  # (s,) int64
-    sample_loss: np.ndarray  # (s,)
-    output: np.ndarray  # (s, p)
-    target: np.ndarray  # (s, p) float or (s,) int
-    layers: dict[str, LayerRound] = field(default_factory=dict)
-    modules: dict[str, np.ndarray] = field(default_factory=dict)  # name → packed (s, unit_byte)
-
-
-@dataclass
-class Snapshot:
-    """The packed activation configuration of the probe set at one round."""
-
-    round_index: int
-    config: np.ndarray  # (probe, unit_byte) uint8
-
-
-@dataclass(frozen=True)
-class ProbeSetup:
-    """The fixed probe set and the hidden units whose states it records."""
-
-    sample_index: np.ndarray  # (probe,) int64
-    input: np.ndarray  # (probe, feature) float32
-    units: ProbeUnits
 
 
 class TraceWriter:
@@ -203,7 +158,7 @@ class TraceWriter:
                     or t[-1] >= la.out_features:
                 raise UsageError(f"layer {la.name}: tracked neurons must be a non-empty sorted "
                                  f"list of distinct indices below {la.out_features}")
-        with _locked(path, lock) as own:
+        with holding(path, lock) as own:
             self = cls._create(path, attrs, layers, tracked, probe, expected_rounds, overwrite,
                                commit_seconds, modules, coordinator)
             self._lock = own
@@ -621,7 +576,7 @@ class TraceWriter:
 
         Rounds committed after the checkpoint are dropped: the commit is set back to the
         checkpoint's (the one case where a commit goes down, spec 'Checkpoints')."""
-        with _locked(path, lock) as own:
+        with holding(path, lock) as own:
             self, ck = cls._reopen(path, commit_seconds)
             self._lock = own
         return self, ck
@@ -719,17 +674,3 @@ async def _gather(jobs: list[Any], return_exceptions: bool = False) -> list[Any]
 
 def _why(exc: BaseException) -> str:
     return str(getattr(exc, "strerror", None) or exc)
-
-
-@contextlib.contextmanager
-def _locked(path: str | os.PathLike[str], lock: OutputLock | None
-            ) -> Iterator[OutputLock | None]:
-    """Hold ``lock``, or a lock of ``path`` taken here (yielded), which is released if the
-    body fails and otherwise handed to the writer the body made."""
-    own = OutputLock.acquire(path) if lock is None else None
-    try:
-        yield own
-    except BaseException:
-        if own is not None:
-            own.release()
-        raise
