@@ -161,7 +161,7 @@ def test_a_default_run_with_huge_steps_killed_early_opens_and_resumes(tmp_path: 
     assert report.ok, report.reasons
     assert report.attrs is not None and report.attrs.status == "running"
     ck = report.attrs.checkpoint
-    assert ck is not None and ck["round"] >= 28
+    assert ck is not None and ck["round"] > 0  # end of epoch 1 (28), or after 5 s if sooner
     steps = ck["round"] + 30
     result = CliRunner().invoke(main, ["record", "--resume", str(out), "--steps", str(steps)])
     assert result.exit_code == 0, result.output
