@@ -43,8 +43,8 @@ from ntrace.cli import handle_errors
 @click.option("--unsupported", type=click.Choice(["error", "warn", "skip"]), default="error",
               show_default=True, help="what to do with modules ntrace cannot interpret")
 @click.option("--checkpoint-every", type=int, default=None,
-              help="rounds between resumable checkpoints [default: at most one a minute, and "
-                   "one at the end]")
+              help="rounds between resumable checkpoints [default: at the end of the first "
+                   "epoch (or after 5 s), then at most one a minute, and one at the end]")
 @click.option("--resume", "resume", type=click.Path(), default=None,
               help="continue the built-in task run recorded in this trace from its last "
                    "checkpoint (a killed run, or a finished one with a larger --steps)")

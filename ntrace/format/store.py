@@ -12,7 +12,8 @@
 Writers create traces only in local directories, atomically: the hierarchy is built in a
 hidden staging directory next to the output and renamed into place (``staging_dir`` and
 ``publish``), so a path holds either no trace or one that opens; an old trace being
-overwritten is first renamed aside, then deleted.
+overwritten is first renamed aside, then deleted. Writers do this under the output's lock
+(:mod:`ntrace.format.lock`), taken first.
 """
 
 from __future__ import annotations
@@ -76,10 +77,7 @@ def prepare_output(path: str | os.PathLike[str], overwrite: bool) -> Path:
     An old trace is renamed aside (one atomic step) before it is deleted, so a process
     killed meanwhile leaves either the old trace or none at ``path``, never part of one.
     """
-    if is_url(path):
-        raise UsageError(f"cannot write a trace to {path}: traces are recorded to a local "
-                         "directory; copy or pack it afterwards")
-    p = Path(path)
+    p = output_path(path)
     if p.exists() or p.is_symlink():
         if not overwrite:
             raise TraceExistsError(
@@ -95,6 +93,16 @@ def prepare_output(path: str | os.PathLike[str], overwrite: bool) -> Path:
                 f"refusing to overwrite {p}: it is not an ntrace trace; remove it yourself "
                 "or choose another output path"
             )
+    return p
+
+
+def output_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a place a trace can be written to: a local path in an existing, writable
+    directory (what exists at ``path`` itself is :func:`prepare_output`'s business)."""
+    if is_url(path):
+        raise UsageError(f"cannot write a trace to {path}: traces are recorded to a local "
+                         "directory; copy or pack it afterwards")
+    p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         raise UsageError(f"cannot write trace {p}: directory {parent} does not exist")

@@ -1,14 +1,19 @@
 """Writing Taylor traces (format 1.x): create, append rounds, commit, close.
 
 The writer knows only numpy and zarr. ``write_round`` checks shapes and dtypes at the
-boundary; ``_write_round`` does the work. Arrays are pre-allocated with spare capacity along
-their append dimension and grow by doubling, so appending a round rewrites no metadata in the
-common case. Rows are staged in memory and written a whole chunk at a time (chunks hold up to
-``CHUNK_BYTES``), all arrays' chunks concurrently through zarr's async API: per-call overhead,
-not bandwidth, is what costs on small rounds. The commit protocol (spec 'Commit protocol'):
-rows are written first, then the root attribute ``commit`` is rewritten (one atomic key) to
-count them; readers trust only committed rows. At least every ``commit_seconds`` all staged
-rows are written and committed. ``close`` trims arrays to the committed length.
+boundary; ``_write_round`` does the work. Arrays start with a modest capacity along their
+append dimension and grow by doubling (spec 'Growth'), so appending a round rewrites no
+metadata in the common case and a trace never declares much more than it holds. Rows are
+staged in memory and written a whole chunk at a time (chunks hold up to ``CHUNK_BYTES``), all
+arrays' chunks concurrently through zarr's async API: per-call overhead, not bandwidth, is
+what costs on small rounds. The commit protocol (spec 'Commit protocol'): rows are written
+first, then the root attribute ``commit`` is rewritten (one atomic key) to count them; readers
+trust only committed rows. A row leaves the stage only once its chunk writes completed, and
+a commit counts the longest prefix of rounds whose rows all did; after a write error nothing
+more is written and ``close`` marks the trace ``aborted`` with the reason. At least every
+``commit_seconds`` all staged rows are written and committed. ``close`` trims arrays to the
+committed length. A writer holds the output's lock (:mod:`ntrace.format.lock`) from before
+anything at the path is touched until it is closed.
 
 Several processes may write one trace together (spec 'Multi-process writing'): given a
 :class:`Coordinator`, process ``r`` writes only its block of the ``sample`` axis of the
@@ -27,7 +32,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,21 +45,37 @@ from zarr.core.sync import sync
 from ntrace.errors import UsageError, WriterError
 from ntrace.format import layout as L
 from ntrace.format.checkpoint import Checkpoint, other_slot, read_checkpoint, write_checkpoint
+from ntrace.format.lock import OutputLock, holding
 from ntrace.format.metadata import (
     ATTR_KEY,
     Commit,
     LayerAttrs,
     ModuleAttrs,
-    ProbeUnits,
     TraceAttrs,
 )
+from ntrace.format.rows import LAYER_FIELDS, LayerRound, ProbeSetup, Snapshot, TaylorRound
 from ntrace.format.store import prepare_output, publish, staging_dir
+
+__all__ = ["Coordinator", "LayerRound", "ProbeSetup", "Snapshot", "TaylorRound", "TraceWriter"]
 
 ROUND_CHUNK = 4096
 CHUNK_BYTES = 2 << 20  # target uncompressed bytes per chunk along an append dimension
 # store every chunk, also one of fill values only (spec §6: a missing chunk is an error)
 EVERY_CHUNK = {"write_empty_chunks": True}
 MAX_ROWS_PER_CHUNK = {L.TAYLOR: 32, L.SNAPSHOT: 64}
+# rows an append dimension starts with (fewer when fewer are expected); it then doubles, so
+# a trace declares at most twice the rows it holds (spec 'Growth')
+INITIAL_ROWS = {L.ROUND: ROUND_CHUNK, L.TAYLOR: 256, L.SNAPSHOT: 64}
+DIMS = (L.ROUND, L.TAYLOR, L.SNAPSHOT)
+
+
+def grown(capacity: int, need: int, limit: int | None) -> int:
+    """The capacity after growing ``capacity`` to hold ``need`` rows: doubled, but not past
+    ``limit`` (the rows the run expects) while ``need`` is within it."""
+    new = max(need, 2 * capacity)
+    if limit is not None and need <= limit:
+        new = min(new, limit)
+    return new
 
 
 def _compressors(kind: str) -> tuple[Any, ...]:
@@ -80,52 +101,6 @@ class Coordinator(Protocol):
     def barrier(self) -> None: ...
 
 
-@dataclass
-class LayerRound:
-    """One tracked layer's data for one Taylor round (s = recorded samples, p = outputs)."""
-
-    weight: np.ndarray  # (neuron, in_feature)
-    input: np.ndarray  # (s, in_feature)
-    bias: np.ndarray | None = None  # (neuron,)
-    jacobian: np.ndarray | None = None  # (s, p, tracked, *positions)
-    mask: np.ndarray | None = None  # (s, neuron_byte) packed uint8
-    mask_high: np.ndarray | None = None  # hardtanh only: a >= max_val, packed
-    slope: np.ndarray | None = None  # prelu only: (num_parameters,)
-
-
-LAYER_FIELDS = ("weight", "bias", "input", "jacobian", "mask", "mask_high", "slope")
-
-
-@dataclass
-class TaylorRound:
-    """The Taylor data of one recorded round."""
-
-    round_index: int
-    sample_index: np.ndarray  # (s,) int64
-    sample_loss: np.ndarray  # (s,)
-    output: np.ndarray  # (s, p)
-    target: np.ndarray  # (s, p) float or (s,) int
-    layers: dict[str, LayerRound] = field(default_factory=dict)
-    modules: dict[str, np.ndarray] = field(default_factory=dict)  # name → packed (s, unit_byte)
-
-
-@dataclass
-class Snapshot:
-    """The packed activation configuration of the probe set at one round."""
-
-    round_index: int
-    config: np.ndarray  # (probe, unit_byte) uint8
-
-
-@dataclass(frozen=True)
-class ProbeSetup:
-    """The fixed probe set and the hidden units whose states it records."""
-
-    sample_index: np.ndarray  # (probe,) int64
-    input: np.ndarray  # (probe, feature) float32
-    units: ProbeUnits
-
-
 class TraceWriter:
     """Appends rounds to a new trace. Not thread-safe: one thread writes."""
 
@@ -146,7 +121,11 @@ class TraceWriter:
         self._capacity: dict[str, int] = {}
         self._counts = {L.ROUND: 0, L.TAYLOR: 0, L.SNAPSHOT: 0}
         self._staged: dict[str, list[np.ndarray]] = {}
-        self._written: dict[str, int] = {}
+        self._written: dict[str, int] = {}  # rows whose chunk writes completed, per array
+        self._marks: list[tuple[int, int, int]] = []  # counts after each uncommitted round
+        self._limit: dict[str, int | None] = dict.fromkeys(DIMS)  # expected rows per dim
+        self._failed: BaseException | None = None  # the first write error: nothing after it
+        self._lock: OutputLock | None = None  # released by close (when this writer took it)
         self._last_commit = time.monotonic()
         self._closed = False
 
@@ -157,10 +136,13 @@ class TraceWriter:
                expected_rounds: int | None = None, overwrite: bool = False,
                commit_seconds: float = 1.0,
                modules: list[ModuleAttrs] | None = None,
-               coordinator: Coordinator | None = None) -> TraceWriter:
+               coordinator: Coordinator | None = None,
+               lock: OutputLock | None = None) -> TraceWriter:
         """Create the store, every group and array, and the first (empty) commit.
 
-        With a ``coordinator`` this is process 0's part; the other processes call
+        The writer holds the output's lock (``lock``, which the caller took and releases, or
+        one it takes itself and releases on :meth:`close`) before anything at ``path`` is
+        touched. With a ``coordinator`` this is process 0's part; the other processes call
         :meth:`join` once it returned (the caller orders the two)."""
         world = 1 if coordinator is None else coordinator.world_size
         if coordinator is not None and coordinator.rank != 0:
@@ -178,6 +160,18 @@ class TraceWriter:
                     or t[-1] >= la.out_features:
                 raise UsageError(f"layer {la.name}: tracked neurons must be a non-empty sorted "
                                  f"list of distinct indices below {la.out_features}")
+        with holding(path, lock) as own:
+            self = cls._create(path, attrs, layers, tracked, probe, expected_rounds, overwrite,
+                               commit_seconds, modules, coordinator)
+            self._lock = own
+        return self
+
+    @classmethod
+    def _create(cls, path: str | os.PathLike[str], attrs: TraceAttrs, layers: list[LayerAttrs],
+                tracked: Mapping[str, np.ndarray], probe: ProbeSetup | None,
+                expected_rounds: int | None, overwrite: bool, commit_seconds: float,
+                modules: list[ModuleAttrs] | None,
+                coordinator: Coordinator | None) -> TraceWriter:
         p = prepare_output(path, overwrite)
         now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         attrs = replace(attrs, created=attrs.created or now, status="running",
@@ -191,12 +185,15 @@ class TraceWriter:
             shutil.rmtree(staging, ignore_errors=True)
             raise WriterError(f"cannot create trace {p}: {exc.strerror or exc}") from exc
         self = cls(root, attrs, layers, tracked, probe, commit_seconds, modules, coordinator)
-        rounds = max(int(expected_rounds or 1024), 1)
-        taylor = max(rounds // attrs.sampling.taylor_every + 1, 1)
-        snaps = 1
-        if probe is not None and attrs.sampling.probe_every > 0:
-            snaps = rounds // attrs.sampling.probe_every + 1
-        self._initial = {L.ROUND: rounds, L.TAYLOR: taylor, L.SNAPSHOT: snaps}
+        if expected_rounds:
+            rounds = max(int(expected_rounds), 1)
+            snaps = 1
+            if probe is not None and attrs.sampling.probe_every > 0:
+                snaps = rounds // attrs.sampling.probe_every + 1
+            self._limit = {L.ROUND: rounds, L.TAYLOR: rounds // attrs.sampling.taylor_every + 1,
+                           L.SNAPSHOT: snaps}
+        self._initial = {d: min(INITIAL_ROWS[d], self._limit[d] or INITIAL_ROWS[d])
+                         for d in DIMS}
         try:
             self._create_arrays()
             self._publish(staging, p)
@@ -333,6 +330,9 @@ class TraceWriter:
         probe snapshot. Checks every shape and dtype against the layout first."""
         if self._closed:
             raise UsageError("the trace writer is closed")
+        if self._failed is not None:
+            raise WriterError(f"the trace writer failed earlier ({_why(self._failed)}); "
+                              "close it: the trace keeps the rounds written before")
         n = self._counts[L.ROUND]
         if taylor is not None:
             if taylor.round_index != n:
@@ -377,39 +377,47 @@ class TraceWriter:
         for name, state in t.modules.items():
             self._check(f"modules/{name}/state", state)
 
-    def _ensure(self, path: str, index: int) -> Any:
-        arr = self._arrays[path]
-        cap = self._capacity[path]
-        if index >= cap:
-            if self._coord is not None and self._layouts[path].append_dim == L.TAYLOR:
-                raise WriterError(f"{path}: row {index} is past the capacity {cap} that "
+    def _grow(self, rows: Mapping[str, int]) -> None:
+        """Make each array ``path`` in ``rows`` hold ``rows[path]`` rows, growing those that
+        are too short (spec 'Growth'), all at once: a growth rewrites one document each."""
+        jobs, grown_to = [], {}
+        for path, need in rows.items():
+            cap = self._capacity[path]
+            if need <= cap:
+                continue
+            dim = self._layouts[path].append_dim
+            if self._coord is not None and dim == L.TAYLOR:
+                raise WriterError(f"{path}: row {need - 1} is past the capacity {cap} that "
                                   "process 0 reserved (the processes wrote different rounds)")
-            new = max(cap * 2, index + 1)
-            arr.resize((new, *arr.shape[1:]))
-            self._capacity[path] = new
-        return arr
+            arr = self._arrays[path]
+            grown_to[path] = grown(cap, need, self._limit[dim])
+            jobs.append(arr.async_array.resize((grown_to[path], *arr.shape[1:])))
+        if jobs:
+            sync(_gather(jobs))
+            self._capacity.update(grown_to)
 
     def _reserve_taylor(self, rows: int) -> None:
         """Multi-process: make every ``taylor_round`` array hold ``rows`` rows before anyone
-        writes them. Capacity doubles at the same rounds on every process; process 0 resizes
+        writes them. Capacity grows at the same rounds on every process; process 0 resizes
         (writes the array documents), a barrier follows, the others then reread them."""
         paths = [p for p, lay in self._layouts.items()
                  if lay.append_dim == L.TAYLOR and p in self._capacity]
         cap = min((self._capacity[p] for p in paths), default=rows)
         if rows <= cap:
             return
-        new = max(cap * 2, rows)
         assert self._coord is not None
         if self._coord.rank == 0:
+            new = grown(cap, rows, self._limit[L.TAYLOR])
             for p in paths:
                 if self._capacity[p] < new:
                     arr = self._arrays[p]
                     arr.resize((new, *arr.shape[1:]))
+                self._capacity[p] = new
         self._coord.barrier()
-        for p in paths:
-            if self._coord.rank != 0:
+        if self._coord.rank != 0:
+            for p in paths:
                 self._arrays[p] = self._root[p]  # the document process 0 just wrote
-            self._capacity[p] = new
+                self._capacity[p] = self._arrays[p].shape[0]
 
     def _write_round(self, loss: float, taylor: TaylorRound | None,
                      snapshot: Snapshot | None) -> None:
@@ -443,6 +451,8 @@ class TraceWriter:
         self._counts[L.ROUND] += 1
         self._counts[L.TAYLOR] += taylor is not None
         self._counts[L.SNAPSHOT] += snapshot is not None
+        self._marks.append((self._counts[L.ROUND], self._counts[L.TAYLOR],
+                            self._counts[L.SNAPSHOT]))
         try:
             if self._coord is None and self.due():  # multi-process commits are collective
                 self.commit()
@@ -457,31 +467,67 @@ class TraceWriter:
         return time.monotonic() - self._last_commit >= self._commit_seconds
 
     def _flush(self, full_chunks_only: bool) -> None:
-        """Write staged rows: whole chunks only, or everything (before a commit)."""
-        jobs = []
+        """Write staged rows: whole chunks only, or everything (before a commit).
+
+        A row leaves the stage, and counts as written, only once every chunk write of its
+        array's block completed. The first error is kept: after it nothing more is written,
+        and commits count only rows written before it (spec 'Commit protocol')."""
+        if self._failed is not None:
+            raise self._failed
         world = self._attrs.sampling.world_size
+        blocks = []
         for path, staged in self._staged.items():
             if not staged:
                 continue
-            arr = self._arrays[path]
             start = self._written[path]
             stop = start + len(staged)
             if full_chunks_only:
-                c = arr.chunks[0]
+                c = self._arrays[path].chunks[0]
                 stop = stop - stop % c
                 if stop <= start:
                     continue
-            block = np.stack(staged[: stop - start])
-            self._ensure(path, stop - 1)
+            blocks.append((path, start, stop))
+        if not blocks:
+            return
+        try:
+            self._grow({path: stop for path, _, stop in blocks})
+        except Exception as exc:
+            self._failed = exc
+            raise
+        jobs = []
+        for path, start, stop in blocks:
+            block = np.stack(self._staged[path][: stop - start])
             where: Any = slice(start, stop)
             if world > 1 and self._layouts[path].per_sample:
                 part = block.shape[1]  # this process's block of the sample axis, own chunks
                 where = (where, slice(self.rank * part, (self.rank + 1) * part))
-            jobs.append(arr.async_array.setitem(where, block))
-            del staged[: stop - start]
-            self._written[path] = stop
-        if jobs:
-            sync(_gather(jobs))
+            jobs.append(self._arrays[path].async_array.setitem(where, block))
+        results = sync(_gather(jobs, return_exceptions=True))
+        for (path, start, stop), result in zip(blocks, results, strict=True):
+            if isinstance(result, BaseException):
+                self._failed = self._failed or result
+            else:
+                del self._staged[path][: stop - start]
+                self._written[path] = stop
+        if self._failed is not None:
+            raise self._failed
+
+    def _committable(self) -> Commit:
+        """The longest prefix of rounds all of whose rows are written: per append dimension
+        the fewest rows written to any of its arrays (this process's), then the last round
+        at which every dimension's count is within those."""
+        written = dict(self._counts)
+        for path, n in self._written.items():
+            dim = self._layouts[path].append_dim
+            assert dim is not None
+            written[dim] = min(written[dim], n)
+        c = self._attrs.commit
+        if written == self._counts:
+            return Commit(*(self._counts[d] for d in DIMS))
+        for mark in reversed(self._marks):
+            if all(m <= written[d] for m, d in zip(mark, DIMS, strict=True)):
+                return Commit(*mark)
+        return c
 
     def commit(self) -> None:
         """Write every staged row, then make them visible to readers (one atomic write).
@@ -491,13 +537,17 @@ class TraceWriter:
         self._flush(full_chunks_only=False)
         if self._coord is not None:
             self._coord.barrier()
-        c = Commit(rounds=self._counts[L.ROUND], taylor_rounds=self._counts[L.TAYLOR],
-                   snapshots=self._counts[L.SNAPSHOT])
-        if c != self._attrs.commit:
+        self._commit(self._committable())
+
+    def _commit(self, c: Commit, **changes: Any) -> None:
+        """Write the root document with commit ``c`` (and ``changes`` to other attributes)."""
+        if c != self._attrs.commit or changes:
+            new = replace(self._attrs, commit=c, **changes)
             if self.rank == 0:
-                self._set_attrs(replace(self._attrs, commit=c))
+                self._set_attrs(new)
             else:
-                self._attrs = replace(self._attrs, commit=c)
+                self._attrs = new
+        self._marks = [m for m in self._marks if m[0] > c.rounds]
         self._last_commit = time.monotonic()
 
     def write_checkpoint(self, round_index: int, arrays: Mapping[str, np.ndarray],
@@ -522,20 +572,29 @@ class TraceWriter:
                               f"{exc.strerror or exc}") from exc
 
     @classmethod
-    def reopen(cls, path: str | os.PathLike[str], commit_seconds: float = 1.0
-               ) -> tuple[TraceWriter, Checkpoint]:
-        """Open a trace for appending from its last checkpoint (``ntrace record --resume``).
+    def reopen(cls, path: str | os.PathLike[str], commit_seconds: float = 1.0,
+               lock: OutputLock | None = None) -> tuple[TraceWriter, Checkpoint]:
+        """Open a trace for appending from its last checkpoint (``ntrace record --resume``),
+        holding its lock as :meth:`create` does.
 
         Rounds committed after the checkpoint are dropped: the commit is set back to the
         checkpoint's (the one case where a commit goes down, spec 'Checkpoints')."""
+        with holding(path, lock) as own:
+            self, ck = cls._reopen(path, commit_seconds)
+            self._lock = own
+        return self, ck
+
+    @classmethod
+    def _reopen(cls, path: str | os.PathLike[str], commit_seconds: float
+                ) -> tuple[TraceWriter, Checkpoint]:
         from ntrace.format.files import check_tree
         from ntrace.format.reader import open_trace
 
         tr = open_trace(path)
         check_tree(path)  # no link, FIFO or device inside: every append stays in the trace
         if tr.attrs.checkpoint is None:
-            raise UsageError(f"{path} holds no checkpoint, so it cannot be resumed; traces of "
-                             "built-in tasks are checkpointed every epoch")
+            raise UsageError(f"{path} holds no checkpoint, so it cannot be resumed; runs of "
+                             "built-in tasks are checkpointed at the end of their first epoch")
         root = zarr.open_group(store=zarr.storage.LocalStore(Path(path)), mode="r+",
                                zarr_format=3, use_consolidated=False)
         ck = read_checkpoint(root, tr.attrs.checkpoint["slot"])
@@ -578,22 +637,45 @@ class TraceWriter:
             self._closed = True
             if self._coord is not None:
                 self._coord.barrier()
+            if self._lock is not None:
+                self._lock.release()
 
     def _finish(self, status: str, reason: str | None) -> None:
-        self.commit()
-        if self.rank != 0:
-            return
-        for path, arr in self._arrays.items():
-            dim = self._layouts[path].append_dim
-            if dim is not None and arr.shape[0] != self._counts[dim]:
-                arr.resize((self._counts[dim], *arr.shape[1:]))
-        self._set_attrs(replace(self._attrs, status=status, status_reason=reason))
-        # Consolidated metadata (a zarr-python convention other readers may ignore) lets
-        # plain ``xarray.open_datatree`` open a finished trace with one metadata read.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=UserWarning)
-            zarr.consolidate_metadata(self._root.store)
+        """Write what is staged, trim every array to the rows the final commit counts, then
+        write the commit and the status in one root document.
+
+        After a write error nothing more is written but those documents: the commit counts
+        the rows written before the error and the status is ``aborted`` with the reason.
+        Trimming first deletes the chunks past the commit, which frees space on a full disk;
+        if even these writes fail, the trace keeps its last commit and status ``running``."""
+        if self._failed is None:
+            try:
+                self._flush(full_chunks_only=False)
+            except Exception:  # noqa: BLE001 - kept in self._failed, reported below
+                pass
+        if self._failed is not None and status != "aborted":
+            status, reason = "aborted", f"writing the trace failed: {_why(self._failed)}"
+        if self._coord is not None:
+            self._coord.barrier()
+        c = self._committable()
+        if self.rank == 0:
+            for path, arr in self._arrays.items():
+                dim = self._layouts[path].append_dim
+                n = None if dim is None else getattr(c, L.COMMIT_FIELD[dim])
+                if n is not None and arr.shape[0] != n:
+                    arr.resize((n, *arr.shape[1:]))
+        self._commit(c, status=status, status_reason=reason)
+        if self.rank == 0 and self._failed is None:
+            # Consolidated metadata (a zarr-python convention other readers may ignore) lets
+            # plain ``xarray.open_datatree`` open a finished trace with one metadata read.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", category=UserWarning)
+                zarr.consolidate_metadata(self._root.store)
 
 
-async def _gather(jobs: list[Any]) -> list[Any]:
-    return list(await asyncio.gather(*jobs))
+async def _gather(jobs: list[Any], return_exceptions: bool = False) -> list[Any]:
+    return list(await asyncio.gather(*jobs, return_exceptions=return_exceptions))
+
+
+def _why(exc: BaseException) -> str:
+    return str(getattr(exc, "strerror", None) or exc)

@@ -42,6 +42,7 @@ from ntrace.errors import (
     WriterError,
 )
 from ntrace.format.checkpoint import Checkpoint
+from ntrace.format.lock import OutputLock
 from ntrace.format.metadata import (
     CLASS_TARGET_LOSSES,
     LOSS_IDS,
@@ -163,33 +164,43 @@ class Recorder:
         self.optimizer = optimizer
         self.resumed: Checkpoint | None = None
         self._reopened: TraceWriter | None = None
+        # the output's lock (spec 'Single writer'): taken before the path is touched, held by
+        # this process (process 0 of several) until close
+        self._lock: OutputLock | None = None
+        self.path = Path(path)
         if resume:
-            self._reopened, self.resumed = TraceWriter.reopen(path, commit_seconds)
-            attrs = self._reopened.attrs
-            restore(model, optimizer, self.resumed)
-            loss, sampling = attrs.loss.id, attrs.sampling
-            probe_every, expected_rounds = attrs.sampling.probe_every or None, \
-                attrs.run.get("expected_rounds")
-            run = {**attrs.run, **dict(run or {})}
-            self.path = Path(path)
-        else:
-            self.path = self._prepare(path, overwrite)
-        self.loss_spec = LossSpec(loss)
-        sampling = sampling or Sampling()
-        self.probe = None if probe is None else probe.detach()
-        if self.probe is not None:
-            if self.probe.ndim < 2 or len(self.probe) == 0:
-                raise UsageError("probe must be a non-empty batch of inputs (D, ...)")
-            every = probe_every or sampling.probe_every or _auto_probe_every(
-                expected_rounds, rounds_per_epoch)
-            sampling = replace(sampling, probe_every=every, probe_size=len(self.probe))
-            if probe_index is None:
-                probe_index = np.full(len(self.probe), -1)
-            self.probe_index = np.asarray(probe_index, dtype=np.int64)
-            if self.probe_index.shape != (len(self.probe),):
-                raise UsageError("probe_index must hold one dataset index per probe input")
-        else:
-            sampling = replace(sampling, probe_every=0, probe_size=0)
+            self._lock = OutputLock.acquire(path)
+        try:
+            if resume:
+                self._reopened, self.resumed = TraceWriter.reopen(path, commit_seconds,
+                                                                  lock=self._lock)
+                attrs = self._reopened.attrs
+                restore(model, optimizer, self.resumed)
+                loss, sampling = attrs.loss.id, attrs.sampling
+                probe_every, expected_rounds = attrs.sampling.probe_every or None, \
+                    attrs.run.get("expected_rounds")
+                run = {**attrs.run, **dict(run or {})}
+            self.loss_spec = LossSpec(loss)
+            sampling = sampling or Sampling()
+            self.probe = None if probe is None else probe.detach()
+            if self.probe is not None:
+                if self.probe.ndim < 2 or len(self.probe) == 0:
+                    raise UsageError("probe must be a non-empty batch of inputs (D, ...)")
+                every = probe_every or sampling.probe_every or _auto_probe_every(
+                    expected_rounds, rounds_per_epoch)
+                sampling = replace(sampling, probe_every=every, probe_size=len(self.probe))
+                if probe_index is None:
+                    probe_index = np.full(len(self.probe), -1)
+                self.probe_index = np.asarray(probe_index, dtype=np.int64)
+                if self.probe_index.shape != (len(self.probe),):
+                    raise UsageError("probe_index must hold one dataset index per probe input")
+            else:
+                sampling = replace(sampling, probe_every=0, probe_size=0)
+            if not resume:
+                self._prepare(path, overwrite)
+        except BaseException:
+            self._release()
+            raise
         self.sampling = sampling
         self.expected_rounds = expected_rounds
         self.run_info = dict(run or {})
@@ -207,22 +218,29 @@ class Recorder:
         self._loss_buffer: torch.Tensor | None = None
         self._watcher = Watcher(model)
 
-    def _prepare(self, path: str | os.PathLike[str], overwrite: bool) -> Path:
-        """Check (and clear, with ``overwrite``) the output path: process 0 does it, and every
-        process fails together when it cannot."""
-        if self.group is None:
-            return prepare_output(path, overwrite)
+    def _prepare(self, path: str | os.PathLike[str], overwrite: bool) -> None:
+        """Lock the output path, then check (and clear, with ``overwrite``) it: process 0
+        does it, and every process fails together when it cannot."""
         error: NtraceError | OSError | None = None
-        if self.group.rank == 0:
+        if self.group is None or self.group.rank == 0:
             try:
+                self._lock = OutputLock.acquire(path)
                 prepare_output(path, overwrite)
             except (NtraceError, OSError) as exc:
+                self._release()
                 error = exc
+        if self.group is None:
+            if error is not None:
+                raise error
+            return
         if not self.group.all_agree(error is None):
             if error is not None:
                 raise error
             raise UsageError(f"process 0 could not prepare the output {path} (see its message)")
-        return Path(path)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     # -- context manager ----------------------------------------------------------------------
     def __enter__(self) -> Recorder:
@@ -351,7 +369,7 @@ class Recorder:
                                         {k: v.cpu().numpy() for k, v in self.tracked.items()},
                                         probe_setup, expected_rounds=self.expected_rounds,
                                         overwrite=True, commit_seconds=self.commit_seconds,
-                                        modules=modules)
+                                        modules=modules, lock=self._lock)
         self._writer = AsyncWriter(writer, self.max_pending, self.group)
 
     def _create_together(self, attrs: TraceAttrs, layer_attrs: list[LayerAttrs],
@@ -369,7 +387,8 @@ class Recorder:
                     self.path, attrs, layer_attrs,
                     {k: v.cpu().numpy() for k, v in self.tracked.items()}, probe_setup,
                     expected_rounds=self.expected_rounds, overwrite=True,
-                    commit_seconds=self.commit_seconds, modules=modules, coordinator=group)
+                    commit_seconds=self.commit_seconds, modules=modules, coordinator=group,
+                    lock=self._lock)
             except NtraceError as exc:
                 error = exc
         if not group.all_agree(error is None):
@@ -484,15 +503,18 @@ class Recorder:
             return
         self._closed = True
         self._watcher.remove()
-        if self._writer is not None:
-            try:
-                self._submit()
-            except NtraceError:
+        try:
+            if self._writer is not None:
+                try:
+                    self._submit()
+                except NtraceError:
+                    if status == "complete":
+                        raise
+                self._writer.close(status, reason)
                 if status == "complete":
-                    raise
-            self._writer.close(status, reason)
-            if status == "complete":
-                self._writer.raise_if_failed()
+                    self._writer.raise_if_failed()
+        finally:
+            self._release()
 
     @property
     def trace_path(self) -> str:

@@ -29,7 +29,9 @@ def resume_options(path: str | os.PathLike[str], *, steps: int | None = None,
         else int(run.get("steps") or run.get("expected_rounds") or 0))
     ck = tr.attrs.checkpoint
     if ck is None:
-        raise UsageError(f"{path} holds no checkpoint to resume from")
+        raise UsageError(f"{path} holds no checkpoint to resume from: the run stopped before "
+                         "its first one (at the end of its first epoch, or after 5 s); record "
+                         "it again")
     if total <= ck["round"]:
         raise UsageError(f"the run already reached round {ck['round']}; pass --steps larger "
                          "than that to extend it")

@@ -39,8 +39,9 @@ class RunOptions:
     max_jacobian_memory: int = 256 << 20
     record: bool = True
     resume: bool = False  # continue the trace at ``out`` from its last checkpoint
-    checkpoint_every: int | None = None  # rounds between checkpoints, or by time:
-    checkpoint_seconds: float = 60.0  # [default] at most one checkpoint a minute, and at the end
+    checkpoint_every: int | None = None  # rounds between checkpoints, or by time [default]:
+    first_checkpoint_seconds: float = 5.0  # the first at the end of epoch 1 or after this,
+    checkpoint_seconds: float = 60.0  # then at most one a minute, and one at the end
 
 
 @dataclass
@@ -134,13 +135,21 @@ def run_task(task: Task, opts: RunOptions,
                  "learning_rate": lr, "optimizer_choice": opts.optimizer, "steps": total},
         )
     last_ck = time.perf_counter()
+    made_ck = rec is not None and rec.resumed is not None  # the trace holds one already
 
     def due(done: int) -> bool:
+        """Whether to checkpoint before round ``done``: every ``checkpoint_every`` rounds,
+        or by default early (end of the first epoch, or after ``first_checkpoint_seconds``)
+        so that a run killed early can resume, then at most once per ``checkpoint_seconds``
+        (a checkpoint costs a commit and a copy of the training state: spec 'Checkpoints')."""
         if rec is None or done == 0 or (rec.resumed is not None and done <= rec.resumed.round):
             return False
         if opts.checkpoint_every:
             return done % opts.checkpoint_every == 0
-        return time.perf_counter() - last_ck >= opts.checkpoint_seconds
+        since = time.perf_counter() - last_ck
+        if not made_ck:
+            return done >= per_epoch or since >= opts.first_checkpoint_seconds
+        return since >= opts.checkpoint_seconds
     done, order, first = 0, None, 0
     if rec is not None and rec.resumed is not None:  # continue exactly where it stopped
         ck = rec.resumed
@@ -152,11 +161,11 @@ def run_task(task: Task, opts: RunOptions,
     b = first
 
     def checkpoint() -> None:
-        nonlocal last_ck
+        nonlocal last_ck, made_ck
         assert rec is not None and order is not None
         rec.checkpoint({"data.order": order, "data.rng": gen.get_state()},
                        {"epoch_position": b})
-        last_ck = time.perf_counter()
+        last_ck, made_ck = time.perf_counter(), True
 
     try:
         while done < total:

@@ -207,3 +207,22 @@ def test_sigkill_at_random_instants_leaves_valid_traces(tmp_path: Path) -> None:
     assert summary["trials"] + summary["finished_before_kill"] == 5
     full = [r for r in summary["results"] if not r["killed"]]
     assert all(r["status"] == "complete" and r["committed"] == 150 for r in full)
+
+
+def test_a_full_disk_never_leaves_unwritten_rows_in_the_commit(tmp_path: Path) -> None:
+    """Issue 18: on a full disk the commit counted rows never written (NaN Jacobians in a
+    'valid' prefix). Two stores too small for the run (simulated: a store refusing writes
+    past that many bytes); `python tools/crash_test.py --disk-full` uses real tmpfs mounts."""
+    summary = _crash_tool().run_disk_full([200 << 10, 2 << 20], steps=150, seed=1,
+                                          work=tmp_path, simulate=True)
+    assert summary["filled"] == 2 and summary["exit_codes"] == [10]
+    assert summary["committed_unwritten"] == 0 and summary["invalid"] == 0, summary["results"]
+    assert summary["locks_left"] == 0
+
+
+def test_a_concurrent_overwrite_leaves_one_trace_and_a_refusal(tmp_path: Path) -> None:
+    """Issue 18: two `--overwrite` recordings of one path left an invalid mix of both, each
+    exiting 0. Started together, one now wins and the other exits 4 naming it."""
+    summary = _crash_tool().run_concurrent(1, steps=60, seed=2, work=tmp_path)
+    assert summary["failures"] == 0, summary["failure_reasons"]
+    assert summary["one_refused"] == 1 and summary["valid_traces"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import zarr.storage
 from torch import nn
 
 from ntrace.errors import (
@@ -19,6 +21,7 @@ from ntrace.errors import (
     UsageError,
     WriterError,
 )
+from ntrace.format.lock import lock_file
 from ntrace.format.metadata import Sampling
 from ntrace.format.reader import open_trace
 from ntrace.format.validate import validate_trace
@@ -162,6 +165,38 @@ def test_writer_failure_surfaces_on_the_next_step(tmp_path: Path,
         with record(model, tmp_path / "t.zarr",
                     sampling=Sampling(taylor_every=1, samples_per_round=2)) as rec:
             train(rec, model, 30, hook=lambda n: time.sleep(0.01))
+
+
+def test_a_full_disk_aborts_the_trace_and_commits_only_written_rows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18: a writer error committed rows whose chunks were never written (NaN
+    Jacobians in a 'valid' prefix). Here the store refuses Jacobian chunks from the fourth on;
+    the run fails with WriterError, and the trace is aborted with the reason, its commit
+    counting only rows that are on disk."""
+    original = zarr.storage.LocalStore.set
+    seen = []
+
+    async def full(self: object, key: str, value: object) -> None:
+        if "/jacobian/c/" in key:
+            seen.append(key)
+            if len(seen) > 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        await original(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", full)
+    model = mlp()
+    path = tmp_path / "t.zarr"
+    with pytest.raises(WriterError, match="No space left"):
+        with record(model, path, sampling=Sampling(taylor_every=1, samples_per_round=2),
+                    commit_seconds=0.0) as rec:
+            train(rec, model, 40)
+    monkeypatch.undo()
+    report = validate_trace(path)
+    assert len(report.reasons) == 1, report.reasons
+    assert report.reasons[0].startswith("run aborted") and "No space left" in report.reasons[0]
+    tr = open_trace(path)
+    assert tr.attrs.status == "aborted" and 0 < tr.taylor_rounds <= 3
+    assert not (lock_file(path)).exists()
 
 
 def test_back_pressure_blocks_training_instead_of_growing_memory(

@@ -126,3 +126,45 @@ def test_resume_refuses_a_different_model_or_a_trace_without_checkpoint(
         rec.step(torch.nn.functional.mse_loss(y, torch.zeros(8, 2)), y, torch.zeros(8, 2))
     with pytest.raises(UsageError, match="holds no checkpoint"):
         Recorder(model, out, resume=True)
+
+
+def test_a_default_run_with_huge_steps_killed_early_opens_and_resumes(tmp_path: Path) -> None:
+    """Issue 18, items 7 and 8: `ntrace record --steps 1000000000` (default options, no
+    --checkpoint-every) killed after two epochs. Its arrays were declared for 1e9 rounds
+    (10.2 TB of Jacobians, over the reader's limit) and its first checkpoint was a minute
+    away, so the trace neither opened nor resumed. Now the arrays hold about what was
+    written and the first epoch ends with a checkpoint."""
+    from click.testing import CliRunner
+
+    from ntrace.cli import main
+
+    out = tmp_path / "long.zarr"
+    code = (f"from ntrace.cli import main; main(['record', '--out', {str(out)!r}, "
+            "'--steps', '1000000000'])")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    rounds = 0
+    while time.monotonic() < deadline and rounds < 70:  # two epochs of 28 rounds committed
+        try:
+            doc = json.loads((out / "zarr.json").read_text())["attributes"]["ntrace"]
+            rounds = doc["commit"]["rounds"]
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert rounds >= 70, "the recording did not get going"
+    info = CliRunner().invoke(main, ["info", str(out)])
+    assert info.exit_code == 0, info.output
+    report = validate_trace(out)
+    assert report.ok, report.reasons
+    assert report.attrs is not None and report.attrs.status == "running"
+    ck = report.attrs.checkpoint
+    assert ck is not None and ck["round"] > 0  # end of epoch 1 (28), or after 5 s if sooner
+    steps = ck["round"] + 30
+    result = CliRunner().invoke(main, ["record", "--resume", str(out), "--steps", str(steps)])
+    assert result.exit_code == 0, result.output
+    tr = open_trace(out)
+    assert tr.attrs.status == "complete" and tr.rounds == steps
+    assert validate_trace(out).ok
