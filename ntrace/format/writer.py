@@ -53,7 +53,7 @@ from ntrace.format.metadata import (
     ModuleAttrs,
     TraceAttrs,
 )
-from ntrace.format.rows import LAYER_FIELDS, LayerRound, ProbeSetup, Snapshot, TaylorRound
+from ntrace.format.rows import LayerRound, ProbeSetup, Snapshot, TaylorRound
 from ntrace.format.store import prepare_output, publish, staging_dir
 
 __all__ = ["Coordinator", "LayerRound", "ProbeSetup", "Snapshot", "TaylorRound", "TraceWriter"]
@@ -337,6 +337,7 @@ class TraceWriter:
         if taylor is not None:
             if taylor.round_index != n:
                 raise UsageError(f"Taylor data for round {taylor.round_index} given at round {n}")
+            taylor = taylor.packed()
             self._check_taylor(taylor)
         if snapshot is not None:
             if self._probe is None:
@@ -363,19 +364,14 @@ class TraceWriter:
             raise UsageError(f"{path}: expected dtype {lay.dtype}, found {v.dtype}")
 
     def _check_taylor(self, t: TaylorRound) -> None:
-        for name in ("sample_index", "sample_loss", "output", "target"):
-            self._check(f"taylor/{name}", getattr(t, name))
         if set(t.layers) != set(self._layers):
             raise UsageError(f"Taylor round {t.round_index}: expected layers "
                              f"{sorted(self._layers)}, found {sorted(t.layers)}")
-        for name, lr in t.layers.items():
-            for field_ in LAYER_FIELDS:
-                self._check(f"layers/{name}/{field_}", getattr(lr, field_))
         if set(t.modules) != set(self._modules):
             raise UsageError(f"Taylor round {t.round_index}: expected module states for "
                              f"{sorted(self._modules)}, found {sorted(t.modules)}")
-        for name, state in t.modules.items():
-            self._check(f"modules/{name}/state", state)
+        for path, value in t.arrays().items():
+            self._check(path, value)
 
     def _grow(self, rows: Mapping[str, int]) -> None:
         """Make each array ``path`` in ``rows`` hold ``rows[path]`` rows, growing those that
@@ -428,20 +424,8 @@ class TraceWriter:
                 raise WriterError(f"growing the trace failed: {exc.strerror or exc}") from exc
         rows: dict[str, Any] = {"loss": loss}
         if taylor is not None:
-            rows.update({
-                "taylor/round_index": taylor.round_index,
-                "taylor/sample_index": taylor.sample_index,
-                "taylor/sample_loss": taylor.sample_loss,
-                "taylor/output": taylor.output,
-                "taylor/target": taylor.target,
-            })
-            for name, lr in taylor.layers.items():
-                for field_ in LAYER_FIELDS:
-                    value = getattr(lr, field_)
-                    if value is not None:
-                        rows[f"layers/{name}/{field_}"] = value
-            for name, state in taylor.modules.items():
-                rows[f"modules/{name}/state"] = state
+            rows["taylor/round_index"] = taylor.round_index
+            rows.update((k, v) for k, v in taylor.arrays().items() if v is not None)
         if snapshot is not None:
             rows["probe/round_index"] = snapshot.round_index
             rows["probe/config"] = snapshot.config

@@ -25,37 +25,15 @@ import torch
 
 from ntrace.errors import NonFiniteLossError, WriterError
 from ntrace.format.bits import pack
-from ntrace.format.writer import LayerRound, Snapshot, TaylorRound, TraceWriter
+from ntrace.format.writer import Snapshot, TaylorRound, TraceWriter
 from ntrace.record.distributed import ProcessGroup
-
-
-@dataclass
-class PendingLayer:
-    weight: torch.Tensor
-    input: torch.Tensor
-    bias: torch.Tensor | None
-    jacobian: torch.Tensor | None
-    states: torch.Tensor | None  # bool (s, units): a > threshold
-    states_high: torch.Tensor | None = None  # hardtanh: a >= max_val
-    slope: torch.Tensor | None = None  # prelu slopes
-
-
-@dataclass
-class PendingTaylor:
-    round_index: int
-    sample_index: torch.Tensor
-    sample_loss: torch.Tensor
-    output: torch.Tensor
-    target: torch.Tensor
-    layers: dict[str, PendingLayer]
-    modules: dict[str, torch.Tensor]  # bool (s, units)
 
 
 @dataclass
 class PendingRound:
     round_index: int
     loss: torch.Tensor  # 0-d, host (possibly still being copied)
-    taylor: PendingTaylor | None = None
+    taylor: TaylorRound | None = None  # host tensors
     snapshot: torch.Tensor | None = None  # bool (probe, units)
     event: Any = None  # on the last round of a batch: CUDA event after all its copies
 
@@ -69,8 +47,9 @@ class PendingCheckpoint:
     meta: dict[str, Any]
 
 
-def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.numpy()
+def _numpy(field: str, t: torch.Tensor) -> np.ndarray:
+    del field
+    return t.numpy()
 
 
 class AsyncWriter:
@@ -173,28 +152,7 @@ class AsyncWriter:
             self._abort = (item.round_index, loss)
             self.writer.close("aborted", f"loss is {loss} at round {item.round_index}")
             return
-        taylor = None
-        if item.taylor is not None:
-            t = item.taylor
-            taylor = TaylorRound(
-                round_index=t.round_index,
-                sample_index=t.sample_index.numpy(),
-                sample_loss=t.sample_loss.numpy(),
-                output=t.output.numpy(),
-                target=t.target.numpy(),
-                layers={
-                    name: LayerRound(
-                        weight=lr.weight.numpy(), input=lr.input.numpy(), bias=_np(lr.bias),
-                        jacobian=_np(lr.jacobian),
-                        mask=None if lr.states is None else pack(lr.states.numpy()),
-                        mask_high=None if lr.states_high is None else pack(
-                            lr.states_high.numpy()),
-                        slope=_np(lr.slope),
-                    )
-                    for name, lr in t.layers.items()
-                },
-                modules={name: pack(v.numpy()) for name, v in t.modules.items()},
-            )
+        taylor = None if item.taylor is None else item.taylor.map(_numpy)
         snap = None
         if item.snapshot is not None:
             snap = Snapshot(item.round_index, pack(item.snapshot.numpy()))

@@ -8,30 +8,17 @@ unit, ``n`` neuron (feature or channel), ``*q`` output positions. Pre-activation
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ntrace import ops
+from ntrace.format.rows import LayerRound
 from ntrace.ops.dropout import dropout_off
 from ntrace.record.graph_jacobian import choose_modes, jacobian_forward, jacobians_reverse
 from ntrace.record.jacobian import jacobians_recursive
 from ntrace.record.structure import CallLog, Structure, Watcher
-
-
-@dataclass
-class LayerData:
-    """One tracked layer's tensors for one Taylor round (still on the training device)."""
-
-    weight: torch.Tensor
-    input: torch.Tensor
-    bias: torch.Tensor | None
-    jacobian: torch.Tensor | None
-    states: torch.Tensor | None  # bool (s, units)
-    states_high: torch.Tensor | None
-    slope: torch.Tensor | None
 
 
 def _slice(value: Any, b: int, s: int) -> Any:
@@ -55,7 +42,7 @@ class Extractor:
         self.mask_layers = [la for la in structure.layers if la.activation.has_mask]
 
     # -- Taylor rounds -------------------------------------------------------------------
-    def layers(self, log: CallLog) -> dict[str, LayerData]:
+    def layers(self, log: CallLog) -> dict[str, LayerRound]:
         s = self.s
         st = self.structure
         calls = log.calls
@@ -80,8 +67,9 @@ class Extractor:
                 slope = act.parameter(la.act_module)  # type: ignore[arg-type]
             x = calls[la.call_index].input[:s].detach()
             bias = la.op.bias(la.module)
-            out[la.name] = LayerData(W, x, None if bias is None else bias.detach(),
-                                     jacs[la.name], low, high, slope)
+            out[la.name] = LayerRound(W, x, None if bias is None else bias.detach(),
+                                      jacs[la.name], low, high,
+                                      None if slope is None else slope.reshape(-1))
         return out
 
     def _graph_jacobians(self, log: CallLog) -> dict[str, torch.Tensor | None]:

@@ -54,15 +54,9 @@ from ntrace.format.metadata import (
     TraceAttrs,
 )
 from ntrace.format.store import prepare_output
-from ntrace.format.writer import ProbeSetup, TraceWriter
+from ntrace.format.writer import ProbeSetup, TaylorRound, TraceWriter
 from ntrace.losses import per_sample_loss
-from ntrace.record.async_writer import (
-    AsyncWriter,
-    PendingCheckpoint,
-    PendingLayer,
-    PendingRound,
-    PendingTaylor,
-)
+from ntrace.record.async_writer import AsyncWriter, PendingCheckpoint, PendingRound
 from ntrace.record.distributed import current_group, unwrap
 from ntrace.record.extract import Extractor
 from ntrace.record.state import capture, restore
@@ -114,6 +108,15 @@ def _to_host(t: torch.Tensor, copy: bool = True) -> torch.Tensor:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     return host
+
+
+def _host_field(field: str, t: torch.Tensor) -> torch.Tensor:
+    """A host copy of one field of a LayerRound; fields computed for the round alone
+    (Jacobians, states) are not cloned on CPU, the model's own tensors are."""
+    return _to_host(t, copy=field not in _FRESH)
+
+
+_FRESH = frozenset({"jacobian", "mask", "mask_high"})
 
 
 class Recorder:
@@ -435,21 +438,10 @@ class Recorder:
 
     @torch.no_grad()
     def _taylor(self, n: int, log: Any, output: torch.Tensor, target: torch.Tensor,
-                indices: Any) -> PendingTaylor:
+                indices: Any) -> TaylorRound:
         assert self._extract is not None
         s = self.sampling.samples_per_round
-        data = self._extract.layers(log)
-        layers = {
-            name: PendingLayer(
-                weight=_to_host(d.weight), input=_to_host(d.input.reshape(s, *d.input.shape[1:])),
-                bias=None if d.bias is None else _to_host(d.bias),
-                jacobian=None if d.jacobian is None else _to_host(d.jacobian, False),
-                states=None if d.states is None else _to_host(d.states, False),
-                states_high=None if d.states_high is None else _to_host(d.states_high, False),
-                slope=None if d.slope is None else _to_host(d.slope.reshape(-1)),
-            )
-            for name, d in data.items()
-        }
+        layers = {name: d.map(_host_field) for name, d in self._extract.layers(log).items()}
         modules = {k: _to_host(v, False) for k, v in self._extract.module_states(log).items()}
         out = output[:s].detach()
         tgt = target[:s].detach()
@@ -462,9 +454,8 @@ class Recorder:
         else:
             idx = torch.as_tensor(np.asarray(indices)[:s] if not isinstance(indices, torch.Tensor)
                                   else indices[:s]).to(torch.int64)
-        return PendingTaylor(n, _to_host(idx), _to_host(sample_loss, False), _to_host(out),
-                             _to_host(tgt if classes else tgt.float()),
-                             layers, modules)
+        return TaylorRound(n, _to_host(idx), _to_host(sample_loss, False), _to_host(out),
+                           _to_host(tgt if classes else tgt.float()), layers, modules)
 
     def _stage_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The round's loss for the writer. On CUDA it goes into a device buffer, copied to
