@@ -78,12 +78,11 @@ def grown(capacity: int, need: int, limit: int | None) -> int:
     return new
 
 
-def _compressors(kind: str) -> tuple[Any, ...]:
+def _compressors() -> tuple[Any, ...]:
     # Core-spec codecs only: blosc(zstd level 1) with bit shuffle, then a crc32c checksum so a
     # corrupt chunk is detected rather than misread. On Jacobian chunks bit shuffle runs ~1.9x
     # faster than byte shuffle for 0.9x its ratio; level 1 ~3x faster than level 3 at the same
     # ratio (measured on MNIST traces): the writer shares the CPU with training.
-    del kind
     return (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"), Crc32cCodec())
 
 
@@ -223,13 +222,21 @@ class TraceWriter:
         self = cls(root, tr.attrs, list(tr.layers.values()), tr.tracked, None,
                    commit_seconds, list(tr.modules.values()), coordinator)
         for path_, lay in tr.layouts.items():
-            self._layouts[path_] = lay
             if lay.per_sample:
-                self._arrays[path_] = root[path_].with_config(EVERY_CHUNK)
-                self._capacity[path_] = self._arrays[path_].shape[0]
-                self._staged[path_] = []
-                self._written[path_] = 0
+                self._keep(path_, lay, root[path_].with_config(EVERY_CHUNK))
+            else:
+                self._layouts[path_] = lay
         return self
+
+    def _keep(self, path: str, lay: L.ArrayLayout, arr: Any, written: int = 0) -> None:
+        """Start the books of one array: its layout and, along an append dimension, its
+        capacity, staged rows and rows written (``written``)."""
+        self._arrays[path] = arr
+        self._layouts[path] = lay
+        if lay.append_dim is not None:
+            self._capacity[path] = arr.shape[0]
+            self._staged[path] = []
+            self._written[path] = written
 
     def _publish(self, staging: Path, final: Path) -> None:
         """Rename the created hierarchy to ``final`` in one step, so that a reader (or a
@@ -262,13 +269,8 @@ class TraceWriter:
             layouts += L.probe_arrays(len(pr.sample_index), pr.input.shape[1], pr.units.total)
         specs = [self._array_spec(lay) for lay in layouts]
         made = sync(_gather([root._async_group.create_array(**spec) for spec in specs]))
-        for lay, spec, arr in zip(layouts, specs, made, strict=True):
-            self._arrays[lay.path] = zarr.Array(arr)
-            self._layouts[lay.path] = lay
-            if lay.append_dim is not None:
-                self._capacity[lay.path] = spec["shape"][0]
-                self._staged[lay.path] = []
-                self._written[lay.path] = 0
+        for lay, arr in zip(layouts, made, strict=True):
+            self._keep(lay.path, lay, zarr.Array(arr))
         for name, t in self._tracked.items():
             self._arrays[f"layers/{name}/tracked"][...] = np.asarray(t, dtype=np.int64)
         if self._probe is not None:
@@ -292,7 +294,7 @@ class TraceWriter:
             chunks = (first, *(self._local_tail(lay) if lay.per_sample else lay.tail))
         return dict(name=lay.path, shape=shape, chunks=tuple(max(c, 1) for c in chunks),
                     dtype=lay.dtype, fill_value=_fill(lay.dtype),
-                    compressors=_compressors(lay.kind), dimension_names=lay.dims,
+                    compressors=_compressors(), dimension_names=lay.dims,
                     config=EVERY_CHUNK)
 
     def _local_tail(self, lay: L.ArrayLayout) -> tuple[int, ...]:
@@ -589,13 +591,9 @@ class TraceWriter:
         self = cls(root, tr.attrs, list(tr.layers.values()), tr.tracked, probe,
                    commit_seconds, list(tr.modules.values()))
         for path_, lay in tr.layouts.items():
-            arr = root[path_].with_config(EVERY_CHUNK)
-            self._arrays[path_] = arr
-            self._layouts[path_] = lay
-            if lay.append_dim is not None:
-                self._capacity[path_] = arr.shape[0]
-                self._staged[path_] = []
-                self._written[path_] = getattr(ck.commit, L.COMMIT_FIELD[lay.append_dim])
+            written = 0 if lay.append_dim is None else getattr(ck.commit,
+                                                               L.COMMIT_FIELD[lay.append_dim])
+            self._keep(path_, lay, root[path_].with_config(EVERY_CHUNK), written)
         self._counts = {L.ROUND: ck.commit.rounds, L.TAYLOR: ck.commit.taylor_rounds,
                         L.SNAPSHOT: ck.commit.snapshots}
         self._set_attrs(replace(tr.attrs, status="running", status_reason=None,
