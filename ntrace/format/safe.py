@@ -1,13 +1,17 @@
 """Reading an untrusted store: every failure becomes one :class:`InvalidTraceError` line.
 
-``GuardedStore`` wraps the zarr store a reader uses. It hides ``*.partial`` files (temporary
-files of a writer that died, spec 'Commit protocol'), reads each ``zarr.json`` with a bounded
-ranged request and parses it before zarr does (refusing oversized, garbled or too deeply
-nested documents, and arrays whose shapes or chunks exceed :mod:`ntrace.format.limits`), and
-checks the declared size of each chunk before a codec allocates it. ``SafeGroup`` is the zarr
-group readers navigate: a member whose metadata zarr cannot parse raises an
-``InvalidTraceError`` naming its ``zarr.json`` instead of whatever zarr raised. ``unreadable``
-does the same for chunk data.
+``GuardedStore`` wraps the zarr store a reader uses (for a directory, a
+:class:`~ntrace.format.files.TraceDirStore`, which serves only regular files inside the
+trace). It hides ``*.partial`` files (temporary files of a writer that died, spec 'Commit
+protocol'), reads every object with a bounded ranged request (the bound counts bytes read),
+parses each ``zarr.json`` before zarr does (refusing oversized, garbled or too deeply nested
+documents, and arrays whose shapes or chunks exceed :mod:`ntrace.format.limits`), checks the
+declared size of each chunk before a codec allocates it, and refuses a chunk missing inside
+the rows a reader was told must be stored (``expect_rows``) instead of letting zarr return fill
+values. ``SafeGroup`` is the zarr group readers navigate: a member whose metadata zarr cannot
+parse raises an ``InvalidTraceError`` naming its ``zarr.json`` instead of whatever zarr raised.
+``unreadable`` does the same for chunk data; ``cancel_on_error`` cancels the chunk reads a
+failed read left pending, and ``one_line`` never echoes stored bytes.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 :class:`~ntrace.format.safe.GuardedStore` (size limits, ``*.partial`` files hidden), and
 ``open_root`` its root group. Locations readers accept:
 
-- a local trace directory (``run.zarr``), readable and, with ``mode='r+'``, writable;
+- a local trace directory (``run.zarr``), readable and, with ``mode='r+'``, writable, through
+  a :class:`~ntrace.format.files.TraceDirStore` (regular files inside the directory only);
 - a local ``.zip`` made by ``ntrace pack`` (zarr-python's ``ZipStore`` layout), read-only;
 - an fsspec URL (``file://``, ``memory://``, ``s3://`` with s3fs installed, ...), read-only;
   a URL ending in ``.zip`` is read as a packed trace through fsspec.
