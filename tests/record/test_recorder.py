@@ -138,7 +138,11 @@ def test_live_reader_sees_a_consistent_committed_prefix(tmp_path: Path) -> None:
 
     def peek(n: int) -> None:
         if n >= 3 and n % 5 == 0:
-            time.sleep(0.05)  # let the writer thread catch up a little
+            # let the writer thread commit something: polled, not timed (a loaded CI machine
+            # may take far longer than usual)
+            deadline = time.monotonic() + 60
+            while open_trace(path).rounds == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
             tr = open_trace(path)
             assert tr.attrs.status == "running"
             for p in tr.layouts:
