@@ -21,8 +21,9 @@ import numpy as np
 from ntrace.format.metadata import Sampling
 from ntrace.format.reader import open_trace
 from ntrace.format.summary import dir_bytes, summarize
+from ntrace.progress import Progress
 from ntrace.tasks import get_task
-from ntrace.tasks.runner import Progress, RunOptions, run_task
+from ntrace.tasks.runner import RunOptions, run_task
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 

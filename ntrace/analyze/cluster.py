@@ -23,10 +23,11 @@ import torch
 
 from ntrace.analyze.graph import Graph, StageProgress
 from ntrace.analyze.hindsight import Hindsight
-from ntrace.analyze.options import AnalysisOptions, Progress
+from ntrace.analyze.options import AnalysisOptions
 from ntrace.errors import UsageError
 from ntrace.format.reader import Trace, open_trace
 from ntrace.format.store import is_url
+from ntrace.progress import OnProgress, Progress
 
 CONNECT_TIMEOUT = 10.0
 """Seconds to wait for a scheduler (and for its first worker) before giving up."""
@@ -131,9 +132,9 @@ def open_cluster(opts: AnalysisOptions) -> Cluster:
         raise UsageError("no cluster was asked for: set scheduler or workers")
     what = (f"Dask scheduler {opts.scheduler}" if opts.scheduler is not None
             else f"{opts.workers} Dask workers")
-    opts.progress(f"starting {what}", 0, 1)
+    opts.progress(Progress(f"starting {what}", 0, 1))
     cl = Cluster(opts.scheduler, opts.workers)
-    opts.progress(f"starting {what}", 1, 1)
+    opts.progress(Progress(f"starting {what}", 1, 1))
     return cl
 
 
@@ -218,7 +219,7 @@ def remote_task(location: str, needs: tuple[int, int], fn: Any, *args: Any) -> A
 
 
 # -- running -------------------------------------------------------------------------------
-def run_on_cluster(cluster: Cluster, location: str, graph: Graph, progress: Progress
+def run_on_cluster(cluster: Cluster, location: str, graph: Graph, progress: OnProgress
                    ) -> list[Any]:
     """Every task of ``graph`` on ``cluster`` (larger first), reading the trace at
     ``location``; their results in task order. The first failure is raised (a library

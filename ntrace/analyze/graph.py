@@ -32,10 +32,11 @@ from ntrace.analyze.hindsight import Family, Hindsight, hindsight
 from ntrace.analyze.metrics import METRICS
 from ntrace.analyze.metrics.base import Configs, Metric, Probe
 from ntrace.analyze.metrics.base import Part as Range
-from ntrace.analyze.options import AnalysisOptions, Progress
+from ntrace.analyze.options import AnalysisOptions
 from ntrace.analyze.plan import AnalysisPlan, LayerPlan
 from ntrace.analyze.source import TaylorSource
 from ntrace.format.reader import Trace
+from ntrace.progress import OnProgress, Progress
 
 MIN_NEURON_BLOCK = 4
 """Fewest neurons in one neuron-scale task (each task reads its layer's data)."""
@@ -272,23 +273,23 @@ def build_graph(trace: Trace, plan: AnalysisPlan | None, opts: AnalysisOptions,
 
 
 class StageProgress:
-    """Reports ``progress(stage, done, total)`` as the tasks of each stage finish."""
+    """Reports a :class:`~ntrace.progress.Progress` per stage as its tasks finish."""
 
-    def __init__(self, tasks: Sequence[Task], progress: Progress) -> None:
+    def __init__(self, tasks: Sequence[Task], progress: OnProgress) -> None:
         self.progress = progress
         self.total: dict[str, int] = {}
         for t in tasks:
             self.total[t.stage] = self.total.get(t.stage, 0) + 1
         self.done = dict.fromkeys(self.total, 0)
         for stage, total in self.total.items():
-            progress(stage, 0, total)
+            progress(Progress(stage, 0, total))
 
     def finished(self, task: Task) -> None:
         self.done[task.stage] += 1
-        self.progress(task.stage, self.done[task.stage], self.total[task.stage])
+        self.progress(Progress(task.stage, self.done[task.stage], self.total[task.stage]))
 
 
-def run_here(trace: Trace, graph: Graph, progress: Progress) -> list[Any]:
+def run_here(trace: Trace, graph: Graph, progress: OnProgress) -> list[Any]:
     """The synchronous scheduler: every task of ``graph`` in this process, in order, on the
     open ``trace``; their results in task order."""
     stages = StageProgress(graph.tasks, progress)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ntrace.analyze import crossentropy as ce
+import ntrace.analyze.crossentropy as ce
 from ntrace.analyze.domain import Domain, IterateStats, iterate_stats
 from ntrace.analyze.nll import Affine, NLLStats
 from ntrace.analyze.options import AnalysisOptions
@@ -37,6 +37,7 @@ from ntrace.analyze.workingset import WorkingSet, per_round_problem
 from ntrace.errors import UsageError
 from ntrace.format.reader import Trace
 from ntrace.losses import LINKS
+from ntrace.progress import Progress
 
 
 @dataclass
@@ -184,9 +185,9 @@ def hindsight(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions,
     src = source or TaylorSource(trace, plan.layers, device, opts.block_bytes)
     T = plan.taylor_rounds
     cps = plan.checkpoints
-    opts.progress("iterates", 0, T)
+    opts.progress(Progress("iterates", 0, T))
     stats = iterate_stats(src, T)
-    opts.progress("iterates", T, T)
+    opts.progress(Progress("iterates", T, T))
     kind, loss = opts.domain, plan.loss
     n_cp = len(cps)
     plans = list(plan.layers)
@@ -216,7 +217,7 @@ def hindsight(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions,
     solver = _Solver(opts, stats)
     k = 0
     by_name = {lp.name: lp for lp in plans}
-    opts.progress("taylor rounds", 0, T)
+    opts.progress(Progress("taylor rounds", 0, T))
     for block in src.blocks(0, T, breaks=cps):
         t0, t1 = block.start, block.stop
         tl[t0:t1] = block.sample_loss.mean(1).cpu().numpy()
@@ -229,7 +230,7 @@ def hindsight(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions,
         while k < n_cp and cps[k] == t1:
             _solve_all(solver, k, plans, neuron, layer, network, acc, stats)
             k += 1
-        opts.progress("taylor rounds", t1, T)
+        opts.progress(Progress("taylor rounds", t1, T))
     return Hindsight(checkpoints=cps, round_index=round_index, taylor_loss=tl, neuron=neuron,
                      layer=layer, network=network, stats=stats, best_response=br,
                      best_response_gap=br_gap, notes=notes)

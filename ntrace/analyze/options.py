@@ -7,21 +7,14 @@ again against the trace (layer names, neuron indices, sizes) in :mod:`ntrace.ana
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ntrace.errors import UsageError
+from ntrace.progress import OnProgress, quiet
 
 DOMAINS = ("ball", "box", "none")
 SCALES = ("network", "layer", "neuron")
-
-Progress = Callable[[str, int, int], None]
-"""``progress(stage, done, total)``: called as long work advances (stage is a short label)."""
-
-
-def _no_progress(stage: str, done: int, total: int) -> None:
-    del stage, done, total
-
 
 @dataclass(frozen=True)
 class AnalysisOptions:
@@ -60,7 +53,7 @@ class AnalysisOptions:
     sv_floor: float = 1e-6
     scheduler: str | None = None
     workers: int | None = None
-    progress: Progress = field(default=_no_progress, compare=False, repr=False)
+    progress: OnProgress = field(default=quiet, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.domain not in DOMAINS:

@@ -13,7 +13,7 @@ import numpy as np
 from ntrace.analyze.options import SCALES, AnalysisOptions, log_checkpoints
 from ntrace.errors import EmptyTraceError, UsageError
 from ntrace.format.reader import Trace
-from ntrace.format.summary import human_bytes
+from ntrace.format.sizes import human_bytes
 from ntrace.ops import LayerOp, layer_op
 
 

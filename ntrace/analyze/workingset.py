@@ -13,19 +13,12 @@ from typing import Any
 
 import torch
 
-from ntrace.analyze import crossentropy as ce
+import ntrace.analyze.crossentropy as ce
 from ntrace.analyze.plan import LayerPlan
 from ntrace.analyze.source import RoundBlock, neuron_columns
 from ntrace.errors import UsageError
+from ntrace.format.sizes import human_bytes
 from ntrace.losses import CrossEntropy, Link
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _layer_bytes(lp: LayerPlan, rows: int, outputs: int) -> int:
@@ -46,10 +39,10 @@ class WorkingSet:
         need = 8 * rows * (outputs + (1 if classes else outputs)) + sum(per.values())
         if need > max_memory:
             big = sorted(per.items(), key=lambda kv: -kv[1])[:3]
-            parts = ", ".join(f"layer {n}: {_size(b)}" for n, b in big)
+            parts = ", ".join(f"layer {n}: {human_bytes(b)}" for n, b in big)
             raise UsageError(
-                f"the {self.link.name} analysis must hold {_size(need)} of Taylor data in "
-                f"memory ({parts}), above max_memory {_size(max_memory)}; analyse "
+                f"the {self.link.name} analysis must hold {human_bytes(need)} of Taylor data in "
+                f"memory ({parts}), above max_memory {human_bytes(max_memory)}; analyse "
                 "fewer layers (--layer) or neurons (--neuron), fewer Taylor rounds (explicit "
                 "--checkpoints ending earlier), or raise --max-memory")
         kw: dict[str, Any] = {"dtype": torch.float64, "device": device}

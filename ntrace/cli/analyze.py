@@ -12,10 +12,10 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ntrace.cli import handle_errors
+from ntrace.cli.progress import Bars
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,29 +66,6 @@ def _options(domain: str, checkpoints: str, tol: float, max_iter: int, scale: st
                            device=device, max_dim=max_dim, max_memory=max_memory * 2**20,
                            dynamic=dynamic, exploration=exploration, progress=progress,
                            scheduler=scheduler, workers=workers)
-
-
-class _Bars:
-    """Renders the library's ``progress(stage, done, total)`` calls as rich progress bars."""
-
-    def __init__(self, console: Console, label: str = "") -> None:
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                                 transient=True, disable=not console.is_terminal)
-        self.tasks: dict[str, Any] = {}
-        self.label = label
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(f"{self.label}{stage}", total=total)
-        self.progress.update(self.tasks[stage], completed=done, total=total)
-
-    def __enter__(self) -> _Bars:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
 
 
 def _fmt(x: float, spec: str = ".4g") -> str:
@@ -240,7 +217,7 @@ def analyze(trace: str, out: str | None, layer: tuple[str, ...], neuron: tuple[i
         _plot()  # fail before the analysis, not after it
     out_dir = Path(out) if out else Path(str(Path(trace)).removesuffix("/")
                                          .removesuffix(".zarr") + ".analysis")
-    with _Bars(console) as bars:
+    with Bars(console) as bars:
         opts = _options(domain, checkpoints, tol, max_iter, scale, layer, neuron, device,
                         max_dim, max_memory, dynamic, not no_exploration, bars, scheduler,
                         workers)
@@ -326,13 +303,13 @@ def compare(inputs: tuple[str, ...], out: str, label: tuple[str, ...], domain: s
                 is_results_store(p) for p in inputs):
             from ntrace.analyze.cluster import open_cluster
 
-            with _Bars(console) as bars:
+            with Bars(console) as bars:
                 cluster = stack.enter_context(open_cluster(options(bars)))
         for k, path in enumerate(inputs):
             if is_results_store(path):
                 ds = open_results(path)
             else:
-                with _Bars(console, f"[{k + 1}/{len(inputs)}] ") as bars:
+                with Bars(console, prefix=f"[{k + 1}/{len(inputs)}] ") as bars:
                     ds = analyze_trace(path, options(bars), out=out_dir / f"results_{k}.zarr",
                                        cluster=cluster)
             results.append(ds)

@@ -48,16 +48,11 @@ def info(trace: str) -> None:
 @handle_errors
 def validate(trace: str, quick: bool) -> None:
     """Check that TRACE conforms to the format spec; exit 1 listing every reason if not."""
-    from rich.progress import Progress
-
+    from ntrace.cli.progress import Bars
     from ntrace.format.validate import validate_trace
 
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
-        job = bar.add_task("validating", total=None)
-        report = validate_trace(trace, deep=not quick,
-                                progress=lambda done, total: bar.update(job, completed=done,
-                                                                        total=total))
+    with Bars(Console(stderr=True)) as bars:
+        report = validate_trace(trace, deep=not quick, progress=bars)
     if report.ok:
         a = report.attrs
         assert a is not None

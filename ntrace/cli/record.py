@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from ntrace.cli import handle_errors
+from ntrace.cli.progress import Bars
+from ntrace.progress import Progress
 
 
 @click.command(short_help="Train a task (or run a script) and record its Taylor trace.")
@@ -63,7 +64,6 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
     from ntrace.errors import UsageError
     from ntrace.format.summary import dir_bytes, human_bytes
     from ntrace.tasks import TASKS, get_task
-    from ntrace.tasks.runner import Progress as RunProgress
     from ntrace.tasks.runner import RunOptions, run_task
 
     console = Console(stderr=True)
@@ -103,20 +103,15 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]:>6.0f} rounds/s  {task.fields[size]:>9s}"),
                TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True,
-                  disable=not console.is_terminal) as bar:
-        job = bar.add_task(f"recording {task}", total=None, rate=0.0, size="")
-        last = [0.0]
 
-        def on_round(p: RunProgress) -> None:
-            now = time.perf_counter()
-            if p.round == p.total or now - last[0] > 0.25:
-                last[0] = now
-                size = human_bytes(dir_bytes(out)) if os.path.isdir(out) else ""
-                bar.update(job, completed=p.round, total=p.total,
-                           rate=p.round / max(p.elapsed, 1e-9), size=size)
+    def fields(p: Progress) -> dict[str, Any]:
+        return {"rate": p.done / max(p.elapsed or 0.0, 1e-9),
+                "size": human_bytes(dir_bytes(out)) if os.path.isdir(out) else ""}
 
-        result = run_task(spec, opts, on_round)
+    with Bars(console, columns, describe=lambda p: f"recording {task}", fields=fields,
+              every=0.25) as bars:
+        bars(Progress("rounds", 0, None))
+        result = run_task(spec, opts, bars)
     console.print(f"[green]recorded[/] {result.rounds} rounds in {result.seconds:.1f} s, "
                   f"final loss {result.final_loss:.5f} → {out}")
 

@@ -6,10 +6,10 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ntrace.cli.analyze import _one_line
+from ntrace.cli.progress import Bars
 
 
 @click.command(short_help="Reproduce the paper and judge its claims in a report.")
@@ -42,26 +42,9 @@ def reproduce(out: str, scale: str, data_dir: str | None, seeds: int, device: st
     plan = make_plan(scale, data_dir, seeds, device,
                      tuple(o.strip() for o in optimizers.split(",") if o.strip()))
     console = Console(stderr=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True,
-                  disable=not console.is_terminal) as bar:
-        jobs = bar.add_task("reproduce", total=None)
-        inner = bar.add_task("", total=None, visible=False)
-        last = {"label": ""}
-
-        def on_progress(stage: str, label: str, done: int, total: int) -> None:
-            if stage == "jobs":
-                bar.update(jobs, description=label, completed=done, total=total)
-                bar.update(inner, visible=False)
-                if not console.is_terminal and label != last["label"]:
-                    console.print(f"[{done}/{total}] {label}", highlight=False)
-                last["label"] = label
-            else:
-                bar.update(inner, description=f"  {label}", completed=done, total=total,
-                           visible=True)
-
-        rep = run(out, plan, on_progress, figures=not no_figures)
+    with Bars(console, outer="jobs",
+              describe=lambda p: p.label if p.stage == "jobs" else f"  {p.label}") as bars:
+        rep = run(out, plan, bars, figures=not no_figures)
     _print(Console(), rep)
     console.print(f"report: {rep.files[0]} and {rep.files[1]} ({rep.seconds / 60:.1f} min; "
                   f"{rep.skipped} runs reused)")

@@ -18,17 +18,12 @@ from ntrace.cli import fail_with_reasons, handle_errors
 def pack(trace: str, out: str, overwrite: bool, deep: bool) -> None:
     """Pack TRACE (a directory, .zip or URL) into the single file OUT (.zip) with a manifest
     of SHA-256 checksums; every ntrace command reads OUT directly."""
-    from rich.progress import Progress
-
+    from ntrace.cli.progress import Bars
     from ntrace.format.pack import pack_trace
     from ntrace.format.summary import human_bytes
 
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
-        job = bar.add_task("packing", total=None)
-        result = pack_trace(trace, out, overwrite=overwrite, validate=deep,
-                            progress=lambda done, total: bar.update(job, completed=done,
-                                                                    total=total))
+    with Bars(Console(stderr=True)) as bars:
+        result = pack_trace(trace, out, overwrite=overwrite, validate=deep, progress=bars)
     c = result.commit
     note = "" if result.status == "complete" else f", status {result.status}"
     click.echo(f"packed {trace} → {result.path}: {result.objects} objects, "
@@ -51,15 +46,11 @@ def verify(archive: str, digest: str | None) -> None:
     """Check every member of ARCHIVE (made by `ntrace pack`) against the SHA-256 in its
     manifest; exit 1 listing every mismatch. This catches accidents, not tampering: with
     --digest (obtained from the packer, not from the archive) it catches that too."""
-    from rich.progress import Progress
-
+    from ntrace.cli.progress import Bars
     from ntrace.format.pack import verify_pack
 
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
-        job = bar.add_task("verifying", total=None)
-        report = verify_pack(archive, progress=lambda done, total: bar.update(
-            job, completed=done, total=total), digest=digest)
+    with Bars(Console(stderr=True)) as bars:
+        report = verify_pack(archive, progress=bars, digest=digest)
     if report.ok:
         m = report.manifest or {}
         c = m.get("commit") or {}

@@ -21,7 +21,7 @@ import threading
 import uuid
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ from ntrace.format import limits
 from ntrace.format.metadata import ATTR_KEY
 from ntrace.format.safe import MANIFEST, PARTIAL, one_line, parse_document
 from ntrace.format.store import Location, is_url, open_location
+from ntrace.progress import OnProgress, Progress
 
 MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 256 * limits.MiB
@@ -111,7 +112,7 @@ def _has_manifest(path: Path) -> bool:
 
 def pack_trace(trace: str | os.PathLike[str], out: str | os.PathLike[str], *,
                overwrite: bool = False, validate: bool = False,
-               progress: Callable[[int, int], None] | None = None) -> PackResult:
+               progress: OnProgress | None = None) -> PackResult:
     """Pack the trace at ``trace`` (directory, ``.zip`` or URL) into the zip ``out``.
 
     The trace must pass the structural checks every reader runs; with ``validate`` it must
@@ -136,7 +137,8 @@ def pack_trace(trace: str | os.PathLike[str], out: str | os.PathLike[str], *,
     loc, root = open_location(trace, "r")
     try:
         _check_output(out_path, loc, overwrite)
-        attrs, _, _, _, reasons = load_structure(root, loc.text)
+        structure = load_structure(root, loc.text)
+        attrs, reasons = structure.attrs, structure.reasons
         if reasons:
             raise InvalidTraceError(f"{loc} is not a valid trace, not packing it: {reasons[0]}",
                                     reasons)
@@ -218,7 +220,7 @@ def _get(store: Any, key: str) -> bytes | None:
 
 
 def _write(store: Any, root_doc: dict[str, Any], attrs: Any, tmp: Path, out: Path,
-           progress: Callable[[int, int], None] | None) -> PackResult:
+           progress: OnProgress | None) -> PackResult:
     keys = [k for k in _list_keys(store) if k != MANIFEST and k != limits.DOCUMENT]
     docs = [k for k in keys if k.rsplit("/", 1)[-1] == limits.DOCUMENT]
     nodes: dict[str, dict[str, Any]] = {}
@@ -252,7 +254,7 @@ def _write(store: Any, root_doc: dict[str, Any], attrs: Any, tmp: Path, out: Pat
             zf.writestr(_member(key), data)
             objects[key] = {"size": len(data), "sha256": _sha256(data)}
             if progress is not None:
-                progress(len(objects), total)
+                progress(Progress("packing", len(objects), total))
 
         for path, doc in sorted(nodes.items()):
             put(f"{path}/{limits.DOCUMENT}", _dumps(doc, f"{path}/{limits.DOCUMENT}"))
@@ -297,7 +299,7 @@ def _version() -> str:
 
 # -- verifying -------------------------------------------------------------------------------
 def verify_pack(path: str | os.PathLike[str],
-                progress: Callable[[int, int], None] | None = None,
+                progress: OnProgress | None = None,
                 digest: str | None = None) -> VerifyReport:
     """Check every member of a packed trace against its manifest entry (size and SHA-256),
     that no member is missing or unlisted, and that the manifest describes the root. This
@@ -338,7 +340,7 @@ def _read_member(zf: zipfile.ZipFile, name: str) -> bytes:
 
 
 def _verify(zf: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], report: VerifyReport,
-            progress: Callable[[int, int], None] | None, digest: str | None) -> None:
+            progress: OnProgress | None, digest: str | None) -> None:
     r = report.reasons
     if MANIFEST not in infos:
         r.append(f"no {MANIFEST}: this zip was not made by `ntrace pack` (nothing to verify "
@@ -386,7 +388,7 @@ def _verify(zf: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], report: Veri
     for n, name in enumerate(names):
         entry = objects[name]
         if progress is not None:
-            progress(n + 1, len(names))
+            progress(Progress("verifying", n + 1, len(names)))
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
             r.append(f"{MANIFEST}: entry for {name!r} has no sha256")
             continue

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -223,14 +223,21 @@ def expected_layouts(attrs: TraceAttrs, layers: Mapping[str, LayerAttrs],
     return {lay.path: lay for lay in lays}
 
 
-def load_structure(root: Any, where: str) -> tuple[TraceAttrs, dict[str, LayerAttrs],
-                                                     ProbeUnits | None,
-                                                     dict[str, L.ArrayLayout], list[str]]:
-    """Parse every node's attributes and compare array metadata with the layout.
+class Structure(NamedTuple):
+    """What :func:`load_structure` found: the parsed documents, the expected layouts and the
+    violations (empty for a conforming trace)."""
 
-    Returns the parsed documents, the expected layouts and the list of violations found
-    (empty for a conforming trace). Raises only when the root document itself is unusable.
-    """
+    attrs: TraceAttrs
+    layers: dict[str, LayerAttrs]
+    probe_units: ProbeUnits | None
+    layouts: dict[str, L.ArrayLayout]
+    modules: dict[str, ModuleAttrs]
+    reasons: list[str]
+
+
+def load_structure(root: Any, where: str) -> Structure:
+    """Parse every node's attributes and compare array metadata with the layout. Raises only
+    when the root document itself is unusable."""
     attrs = TraceAttrs.from_dict(node_attrs(root.attrs.asdict(), f"{where}: root group"))
     names = len(attrs.layers) + len(attrs.modules)
     if names > limits.MAX_NAMES:
@@ -282,7 +289,7 @@ def load_structure(root: Any, where: str) -> tuple[TraceAttrs, dict[str, LayerAt
     reasons += _check_arrays(root, attrs, layouts)
     reasons += check_documents(root.store, attrs, layouts)
     expect_chunks(root.store, attrs, layouts)
-    return attrs, layers, probe_units, layouts, reasons
+    return Structure(attrs, layers, probe_units, layouts, modules, reasons)
 
 
 def expect_chunks(store: Any, attrs: TraceAttrs, layouts: Mapping[str, L.ArrayLayout]) -> None:
@@ -405,14 +412,15 @@ def open_trace(path: str | os.PathLike[str]) -> Trace:
     loc, root = open_location(path, "r")
     p = loc.path
     try:
-        attrs, layers, probe_units, layouts, reasons = load_structure(root, loc.text)
+        s = load_structure(root, loc.text)
     except BaseException:
         loc.close()
         raise
+    reasons = s.reasons
     if reasons:
         loc.close()
         raise InvalidTraceError(f"{loc} is not a valid trace: {reasons[0]}"
                                 + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""),
                                 reasons)
-    return Trace(path=p, root=root, attrs=attrs, layers=layers, probe_units=probe_units,
-                 layouts=layouts, modules=load_modules(root, attrs)[0], location=loc)
+    return Trace(path=p, root=root, attrs=s.attrs, layers=s.layers, probe_units=s.probe_units,
+                 layouts=s.layouts, modules=s.modules, location=loc)

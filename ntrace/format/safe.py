@@ -35,6 +35,7 @@ from zarr.storage import WrapperStore
 
 from ntrace.errors import InvalidTraceError, NtraceError
 from ntrace.format import limits
+from ntrace.format.sizes import human_bytes
 
 PARTIAL = ".partial"
 MANIFEST = "ntrace-manifest.json"  # written by ``ntrace pack``; not a node of the hierarchy
@@ -59,15 +60,11 @@ def document_key(path: str) -> str:
     return f"{path}/{limits.DOCUMENT}" if path else limits.DOCUMENT
 
 
-def _size(n: int) -> str:
-    return f"{n >> 30} GiB" if n >= 1 << 30 else f"{n >> 20} MiB"
-
-
 def parse_document(key: str, raw: bytes) -> dict[str, Any]:
     """Parse a metadata document, refusing what a reader must not trust."""
     if len(raw) > limits.document_limit(key):
         raise InvalidTraceError(f"{key}: metadata document larger than "
-                                f"{_size(limits.document_limit(key))}; refusing to read it "
+                                f"{human_bytes(limits.document_limit(key))}; refusing to read it "
                                 "(spec/security.md)")
     try:
         doc = json.loads(raw)
@@ -158,7 +155,7 @@ class GuardedStore(WrapperStore[Any]):
         store reads at most what the file holds, never allocating the whole range)."""
         buf = await self._inner_get(key, prototype, RangeByteRequest(0, limit + 1))
         if buf is not None and len(buf) > limit:
-            raise InvalidTraceError(f"{key}: {what} larger than {_size(limit)}; refusing to "
+            raise InvalidTraceError(f"{key}: {what} larger than {human_bytes(limit)}; refusing to "
                                     "read it (spec/security.md)")
         return buf
 

@@ -14,15 +14,8 @@ from typing import Any
 import numpy as np
 
 from ntrace.format.reader import Trace, open_trace
+from ntrace.format.sizes import human_bytes
 from ntrace.format.store import stored_sizes
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def dir_bytes(path: str | os.PathLike[str]) -> int:

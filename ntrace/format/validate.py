@@ -26,8 +26,9 @@ from ntrace.format.metadata import (
     CLASS_TARGET_LOSSES,
     TraceAttrs,
 )
-from ntrace.format.reader import Trace, load_modules, load_structure
+from ntrace.format.reader import Trace, load_structure
 from ntrace.format.store import Location, open_location
+from ntrace.progress import OnProgress, Progress
 
 SAMPLE_LOSS_RTOL = 1e-4
 MASK_ATOL = 1e-5
@@ -64,7 +65,7 @@ def _loss(loss_id: str, out: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def validate_trace(path: str | os.PathLike[str], deep: bool = True,
-                   progress: Callable[[int, int], None] | None = None) -> ValidationReport:
+                   progress: OnProgress | None = None) -> ValidationReport:
     """Validate the trace at ``path`` (a directory, ``.zip`` or fsspec URL); ``deep`` also
     reads and checks every committed row."""
     report = ValidationReport(str(path))
@@ -80,21 +81,20 @@ def validate_trace(path: str | os.PathLike[str], deep: bool = True,
 
 
 def _validate(report: ValidationReport, loc: Location, root: Any, deep: bool,
-              progress: Callable[[int, int], None] | None) -> ValidationReport:
+              progress: OnProgress | None) -> ValidationReport:
     try:
-        attrs, layers, units, layouts, reasons = load_structure(root, loc.text)
+        s = load_structure(root, loc.text)
     except InvalidTraceError as exc:
         report.reasons += exc.reasons
         return report
-    report.attrs = attrs
-    report.reasons += reasons
+    report.attrs = attrs = s.attrs
+    report.reasons += s.reasons
     if report.reasons:
         return report
     if attrs.status == "aborted":
         report.reasons.append(f"run aborted: {attrs.status_reason or 'no reason recorded'}; its "
                               f"{attrs.commit.rounds} committed rounds remain readable")
-    trace = Trace(loc.path, root, attrs, layers, units, layouts, load_modules(root, attrs)[0],
-                  loc)
+    trace = Trace(loc.path, root, attrs, s.layers, s.probe_units, s.layouts, s.modules, loc)
     if deep:
         try:
             _check_data(trace, report, progress)
@@ -165,7 +165,7 @@ class _Steps:
     """Progress over passes of the Taylor rounds, reported as Taylor rounds checked."""
 
     def __init__(self, report: ValidationReport, passes: int, rounds: int, total: int,
-                 progress: Callable[[int, int], None] | None) -> None:
+                 progress: OnProgress | None) -> None:
         self.report, self.passes, self.rounds, self.total = report, passes, rounds, total
         self.progress, self.done = progress, 0
 
@@ -175,11 +175,11 @@ class _Steps:
         if rows != self.report.checked_rows:
             self.report.checked_rows = rows
             if self.progress is not None:
-                self.progress(rows, self.total)
+                self.progress(Progress("validating", rows, self.total))
 
 
 def _check_data(tr: Trace, report: ValidationReport,
-                progress: Callable[[int, int], None] | None) -> None:
+                progress: OnProgress | None) -> None:
     a = tr.attrs
     r = report.reasons
     bad = _first(tr, "loss", lambda b: ~np.isfinite(b))
@@ -217,11 +217,12 @@ def _check_data(tr: Trace, report: ValidationReport,
             r.append(f"probe/config: pad bits set in snapshots {k}..{k + len(cfg) - 1}")
         report.checked_rows += len(cfg)
         if progress is not None:
-            progress(report.checked_rows, tr.taylor_rounds + tr.snapshots)
+            progress(Progress("validating", report.checked_rows,
+                              tr.taylor_rounds + tr.snapshots))
 
 
 def _check_taylor(tr: Trace, report: ValidationReport,
-                  progress: Callable[[int, int], None] | None) -> None:
+                  progress: OnProgress | None) -> None:
     """The checks of every Taylor round, one pass per group of arrays checked together (the
     taylor group, then each layer with the one before it, then the modules), so that only a
     few arrays' blocks are held at once and each chunk is decoded at most twice. A round

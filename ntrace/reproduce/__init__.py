@@ -9,8 +9,9 @@ report that judges each of the paper's claims on the measurements.
 from __future__ import annotations
 
 from ntrace.reproduce.claims import RULES, VERDICTS, Verdict, judge
-from ntrace.reproduce.pipeline import Reproduction, choose_lr, reproduce
+from ntrace.reproduce.pipeline import choose_lr, reproduce
 from ntrace.reproduce.plan import SCALES, Analysis, Experiment, Plan, find_data, make_plan
+from ntrace.reproduce.reproduction import Reproduction
 
 __all__ = ["RULES", "SCALES", "VERDICTS", "Analysis", "Experiment", "Plan", "Reproduction",
            "Verdict", "choose_lr", "find_data", "judge", "make_plan", "reproduce"]

@@ -15,15 +15,16 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from ntrace.errors import UsageError
-from ntrace.reproduce.claims import Verdict, judge
-from ntrace.reproduce.measures import RunMeasures, measure
+from ntrace.progress import OnProgress, Progress, quiet
+from ntrace.reproduce.claims import judge
+from ntrace.reproduce.measures import measure
 from ntrace.reproduce.plan import Experiment, Plan
+from ntrace.reproduce.report import write_report
+from ntrace.reproduce.reproduction import Reproduction
 from ntrace.reproduce.runs import (
     RunRecord,
     ensure_analysis,
@@ -32,45 +33,6 @@ from ntrace.reproduce.runs import (
     traced_spec,
     write_marker,
 )
-
-Progress = Callable[[str, str, int, int], None]
-"""``progress(stage, label, done, total)``. Stages: ``jobs`` (runs and analyses of the whole
-plan), ``rounds`` (training rounds of the current run), ``analysis`` (stages of the current
-analysis, ``label`` naming the stage)."""
-
-
-def _quiet(stage: str, label: str, done: int, total: int) -> None:
-    del stage, label, done, total
-
-
-@dataclass
-class Reproduction:
-    """What a reproduction produced: the sweep and traced runs, each run's results Dataset
-    and measurements, the verdicts, the report files and the wall time of this call."""
-
-    plan: Plan
-    out: Path
-    sweeps: list[RunRecord] = field(default_factory=list)
-    chosen: dict[tuple[str, str], float] = field(default_factory=dict)  # (kind, opt) → lr
-    runs: list[RunRecord] = field(default_factory=list)
-    results: dict[str, Any] = field(default_factory=dict)  # run path → results Dataset
-    measures: list[RunMeasures] = field(default_factory=list)
-    verdicts: list[Verdict] = field(default_factory=list)
-    analyses_reused: int = 0
-    files: list[Path] = field(default_factory=list)
-    seconds: float = 0.0
-    started: str = ""
-
-    @property
-    def skipped(self) -> int:
-        """Runs (sweep and traced) this call found finished and did not train again."""
-        return sum(r.skipped for r in self.sweeps + self.runs)
-
-    def by_kind(self, kind: str) -> list[RunRecord]:
-        return [r for r in self.runs if self.kind_of(r) == kind]
-
-    def kind_of(self, run: RunRecord) -> str:
-        return next(e.kind for e in self.plan.experiments if e.task == run.spec.task)
 
 
 def choose_lr(records: list[RunRecord]) -> float:
@@ -99,11 +61,13 @@ def _check_out(out: Path, plan: Plan) -> None:
                              f"{plan.scale!r}; choose another --out or remove it")
 
 
-def reproduce(out: str | os.PathLike[str], plan: Plan, progress: Progress | None = None,
+def reproduce(out: str | os.PathLike[str], plan: Plan, progress: OnProgress | None = None,
               figures: bool = True) -> Reproduction:
     """Run (or resume) every run of ``plan`` under ``out``, analyse them, judge the claims
-    and write the report. Finished runs and analyses are reused, never redone."""
-    say = progress or _quiet
+    and write the report. Finished runs and analyses are reused, never redone. ``progress``
+    hears stages ``jobs`` (runs and analyses of the whole plan), ``rounds`` (training rounds of
+    the current run) and ``analysis`` (its stages), ``label`` naming the job or stage."""
+    say = progress or quiet
     root = Path(out)
     _check_out(root, plan)
     root.mkdir(exist_ok=True)
@@ -115,8 +79,8 @@ def reproduce(out: str | os.PathLike[str], plan: Plan, progress: Progress | None
     n_runs = len(plan.experiments) * len(plan.optimizers) * len(plan.seeds)
     total, done = n_sweep + 2 * n_runs, 0
 
-    def rounds(label: str) -> Callable[[int, int], None]:
-        return lambda d, t: say("rounds", label, d, t)
+    def rounds(label: str) -> OnProgress:
+        return lambda p: say(replace(p, label=label))
 
     for exp in plan.experiments:
         for opt, lrs in exp.sweep:
@@ -124,7 +88,7 @@ def reproduce(out: str | os.PathLike[str], plan: Plan, progress: Progress | None
             for lr in lrs:
                 spec = sweep_spec(plan, exp, opt, lr)
                 label = f"sweep {exp.task} {spec.name}"
-                say("jobs", label, done, total)
+                say(Progress("jobs", done, total, label))
                 recs.append(ensure_run(spec, root / "sweep" / exp.task / spec.name,
                                        plan.final_fraction, rounds(label)))
                 done += 1
@@ -135,7 +99,7 @@ def reproduce(out: str | os.PathLike[str], plan: Plan, progress: Progress | None
             for seed in plan.seeds:
                 spec = traced_spec(plan, exp, opt, rep.chosen[(exp.kind, opt)], seed)
                 label = f"{exp.task} {spec.name}"
-                say("jobs", f"train {label}", done, total)
+                say(Progress("jobs", done, total, f"train {label}"))
                 run = ensure_run(spec, root / "runs" / exp.task / spec.name,
                                  plan.final_fraction, rounds(label))
                 rep.runs.append(run)
@@ -143,20 +107,19 @@ def reproduce(out: str | os.PathLike[str], plan: Plan, progress: Progress | None
                 if run.diverged:
                     done += 1
                     continue
-                say("jobs", f"analyse {label}", done, total)
+                say(Progress("jobs", done, total, f"analyse {label}"))
                 ds, reused = ensure_analysis(run, plan.analysis, plan.device,
-                                             lambda s, d, t: say("analysis", s, d, t))
+                                             lambda p: say(Progress("analysis", p.done, p.total,
+                                                                   p.stage)))
                 rep.analyses_reused += reused
                 rep.results[str(run.path)] = ds
                 rep.measures.append(measure(ds, exp.kind, opt, seed, run.final_loss))
                 done += 1
-    say("jobs", "claims and report", done, total)
+    say(Progress("jobs", done, total, "claims and report"))
     rep.verdicts = judge(rep.measures, {e.kind: e.task for e in plan.experiments})
-    from ntrace.reproduce.report import write_report
-
     rep.seconds = time.perf_counter() - start
     rep.files = write_report(rep, figures=figures)
-    say("jobs", "done", total, total)
+    say(Progress("jobs", total, total, "done"))
     return rep
 
 

@@ -15,15 +15,13 @@ import platform
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ntrace import __version__
 from ntrace.reproduce.claims import RULES, STATEMENTS, VERDICTS, sqrt_consistent
 from ntrace.reproduce.measures import EXPLORATION_MEASURES
+from ntrace.reproduce.reproduction import Reproduction
 from ntrace.reproduce.runs import SWEEP_SNAPSHOTS, RunRecord
-
-if TYPE_CHECKING:
-    from ntrace.reproduce.pipeline import Reproduction
 
 
 @dataclass(frozen=True)

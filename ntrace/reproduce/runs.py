@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,11 @@ import numpy as np
 
 from ntrace.errors import NonFiniteLossError
 from ntrace.format.metadata import Sampling
+from ntrace.progress import OnProgress
 from ntrace.reproduce.plan import Analysis, Experiment, Plan
 
 RUN_MARKER = "run.json"
 ANALYSIS_MARKER = "analysis.json"
-RoundProgress = Callable[[int, int], None]
-"""``progress(done, total)``: rounds of the run in progress."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +135,7 @@ def _trace_complete(trace: Path) -> bool:
 
 
 def ensure_run(spec: RunSpec, path: Path, fraction: float,
-               progress: RoundProgress | None = None) -> RunRecord:
+               progress: OnProgress | None = None) -> RunRecord:
     """The finished run at ``path``, training (and recording) it first unless its marker
     says it already finished with these settings."""
     from ntrace.format.reader import open_trace
@@ -165,7 +163,7 @@ def ensure_run(spec: RunSpec, path: Path, fraction: float,
     diverged = False
     try:
         run_task(get_task(spec.task), opts,
-                 None if progress is None else (lambda p: progress(p.round, p.total)))
+                 progress)
     except NonFiniteLossError:  # a learning rate too large: recorded as diverged
         diverged = True
     seconds = time.perf_counter() - start
@@ -183,8 +181,7 @@ def ensure_run(spec: RunSpec, path: Path, fraction: float,
     return RunRecord(spec, path, loss, rounds, seconds, False, diverged, explored)
 
 
-def analysis_options(a: Analysis, device: str, progress: Callable[[str, int, int], None] | None
-                     ) -> Any:
+def analysis_options(a: Analysis, device: str, progress: OnProgress | None) -> Any:
     from ntrace.analyze import AnalysisOptions
 
     kw: dict[str, Any] = {} if progress is None else {"progress": progress}
@@ -194,7 +191,7 @@ def analysis_options(a: Analysis, device: str, progress: Callable[[str, int, int
 
 
 def ensure_analysis(run: RunRecord, analysis: Analysis, device: str,
-                    progress: Callable[[str, int, int], None] | None = None
+                    progress: OnProgress | None = None
                     ) -> tuple[Any, bool]:
     """The results Dataset of ``run`` and whether it was reused: analysed now unless its
     marker says it was analysed with these settings."""

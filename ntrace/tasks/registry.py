@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+import ntrace.tasks.datasets as datasets
 from ntrace.errors import UsageError
 from ntrace.format.metadata import Sampling
-from ntrace.tasks import datasets
 from ntrace.tasks.cifar import load_cifar10
 
 AUTOENCODER_HIDDEN = (50, 30, 20, 30, 50)

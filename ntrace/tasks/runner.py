@@ -14,6 +14,7 @@ import torch
 
 from ntrace.errors import UsageError
 from ntrace.format.metadata import Sampling
+from ntrace.progress import OnProgress, Progress
 from ntrace.record.recorder import Recorder
 from ntrace.tasks.registry import Task
 
@@ -42,16 +43,6 @@ class RunOptions:
     checkpoint_every: int | None = None  # rounds between checkpoints, or by time [default]:
     first_checkpoint_seconds: float = 5.0  # the first at the end of epoch 1 or after this,
     checkpoint_seconds: float = 60.0  # then at most one a minute, and one at the end
-
-
-@dataclass
-class Progress:
-    """What a progress callback is told after each round."""
-
-    round: int
-    total: int
-    loss: float | None
-    elapsed: float
 
 
 @dataclass(frozen=True)
@@ -88,8 +79,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run_task(task: Task, opts: RunOptions,
-             progress: Callable[[Progress], None] | None = None) -> RunResult:
-    """Train ``task`` for the requested epochs/steps, recording to ``opts.out``."""
+             progress: OnProgress | None = None) -> RunResult:
+    """Train ``task`` for the requested epochs/steps, recording to ``opts.out``; ``progress``
+    hears ``Progress("rounds", done, total, elapsed=...)`` after each round."""
     if opts.optimizer not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {opts.optimizer!r}; choose one of: "
                          f"{', '.join(OPTIMIZERS)}")
@@ -188,7 +180,8 @@ def run_task(task: Task, opts: RunOptions,
                 optimizer.step()
                 done += 1
                 if progress is not None:
-                    progress(Progress(done, total, None, time.perf_counter() - start))
+                    progress(Progress("rounds", done, total,
+                                      elapsed=time.perf_counter() - start))
             else:
                 b, order = per_epoch, None
         if rec is not None:

@@ -117,7 +117,7 @@ def test_quick_validation_skips_the_data() -> None:
 
 def test_validate_reports_progress() -> None:
     seen: list[tuple[int, int]] = []
-    validate_trace(example("tiny-mlp"), progress=lambda done, total: seen.append((done, total)))
+    validate_trace(example("tiny-mlp"), progress=lambda p: seen.append((p.done, p.total)))
     assert seen[-1] == (10, 10)  # 4 Taylor rounds + 6 snapshots
 
 
@@ -331,3 +331,22 @@ def test_checks_across_documents(tmp_path: Path, case: str) -> None:
     _tools().drop_consolidated(path)
     reasons = validate_trace(path).reasons
     assert any(reason in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("opener", [open_trace, validate_trace])
+def test_opening_parses_the_module_groups_once(opener: Any,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from ntrace.format import reader
+
+    calls: list[str] = []
+    real = reader.load_modules
+
+    def counting(root: Any, attrs: Any) -> Any:
+        calls.append("load_modules")
+        return real(root, attrs)
+
+    monkeypatch.setattr(reader, "load_modules", counting)
+    result = opener(example("tiny-mlp"))
+    if hasattr(result, "close"):
+        result.close()
+    assert len(calls) == 1

@@ -21,9 +21,10 @@ from ntrace.errors import InvalidTraceError, UsageError
 from ntrace.format.metadata import Sampling
 from ntrace.format.reader import open_trace
 from ntrace.format.validate import validate_trace
+from ntrace.progress import Progress
 from ntrace.record import Recorder
 from ntrace.tasks import get_task
-from ntrace.tasks.runner import Progress, RunOptions, run_task
+from ntrace.tasks.runner import RunOptions, run_task
 
 SAMPLING = Sampling(taylor_every=3, samples_per_round=4)
 
@@ -56,7 +57,7 @@ def test_resume_after_an_exception_equals_an_uninterrupted_run(tmp_path: Path,
         pass
 
     def stop_at_70(p: Progress) -> None:
-        if p.round == 70:
+        if p.done == 70:
             raise Stop
 
     with pytest.raises(Stop):

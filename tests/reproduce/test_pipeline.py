@@ -18,8 +18,9 @@ from ntrace.reproduce.runs import RUN_MARKER, RunRecord, final_loss, sweep_spec
 @pytest.fixture(scope="module")
 def first(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("repro") / "out"
-    events: list[tuple[str, str, int, int]] = []
-    rep = reproduce(out, make_plan("tiny"), lambda *e: events.append(e))
+    events: list[tuple[str, str, int, int | None]] = []
+    rep = reproduce(out, make_plan("tiny"),
+                    lambda p: events.append((p.stage, p.label, p.done, p.total)))
     return rep, events
 
 
