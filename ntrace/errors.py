@@ -81,3 +81,19 @@ class EmptyTraceError(NtraceError, ValueError):
     """Raised when a trace holds no committed rounds of the data an analysis needs."""
 
     exit_code = 12
+
+
+class ScriptError(NtraceError, RuntimeError):
+    """Raised when a script run by ``ntrace record -- python script.py`` exits with a
+    non-zero status or raises an exception of its own; the trace keeps the rounds recorded
+    before (status ``aborted``). ``status`` is the exit status Python would have given the
+    script, ``detail`` what Python would have printed (its ``sys.exit`` message or its
+    traceback). One exit code for every such failure keeps a script's own status from being
+    read as one of ntrace's (``sys.exit(3)`` is not "trace not found")."""
+
+    exit_code = 13
+
+    def __init__(self, message: str, status: int, detail: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,53 +11,32 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ntrace.cli import handle_errors
+from ntrace.cli import Command, handle_errors
+from ntrace.cli.options import (
+    DEVICE,
+    MAX_CHECKPOINTS,
+    MAX_DIM,
+    MAX_ITER,
+    MAX_TOL,
+    MAX_WORKERS,
+    MIN_TOL,
+    Checkpoints,
+    FiniteFloat,
+    mib,
+)
+from ntrace.cli.text import markup, plain, visible
 from ntrace.cli.progress import Bars
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _one_line(fn: F) -> F:
-    """Library errors → one line and their exit code (``handle_errors``); anything
-    unexpected → one line and exit 1 (set NTRACE_DEBUG=1 to see the traceback)."""
-    inner = handle_errors(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return inner(*args, **kwargs)
-        except (SystemExit, click.exceptions.Exit, click.ClickException):
-            raise
-        except Exception as exc:  # no traceback for the user, ever
-            if os.environ.get("NTRACE_DEBUG"):
-                raise
-            msg = str(exc).splitlines()[0] if str(exc) else ""
-            click.echo(f"error: unexpected {type(exc).__name__}: {msg} (set NTRACE_DEBUG=1 "
-                       "for a traceback and please report it)", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _checkpoints(text: str) -> int | tuple[int, ...]:
-    from ntrace.errors import UsageError
-
-    try:
-        if "," in text:
-            return tuple(int(t) for t in text.split(",") if t.strip())
-        return int(text)
-    except ValueError:
-        raise UsageError(f"--checkpoints must be a count or comma-separated Taylor-round "
-                         f"counts, found {text!r}") from None
-
-
-def _options(domain: str, checkpoints: str, tol: float, max_iter: int, scale: str | None,
-             layer: Sequence[str], neuron: Sequence[int], device: str, max_dim: int | None,
-             max_memory: int, dynamic: bool, exploration: bool, progress: Any,
+def _options(domain: str, checkpoints: int | tuple[int, ...], tol: float, max_iter: int,
+             scale: str | None, layer: Sequence[str], neuron: Sequence[int], device: str,
+             max_dim: int | None, max_memory: int, dynamic: bool, exploration: bool, progress: Any,
              scheduler: str | None = None, workers: int | None = None) -> Any:
     from ntrace.analyze import AnalysisOptions, parse_scales
 
-    return AnalysisOptions(domain=domain, checkpoints=_checkpoints(checkpoints), tol=tol,
+    return AnalysisOptions(domain=domain, checkpoints=checkpoints, tol=tol,
                            max_iter=max_iter, scales=parse_scales(scale),
                            layers=tuple(layer) or None, neurons=tuple(neuron) or None,
                            device=device, max_dim=max_dim, max_memory=max_memory * 2**20,
@@ -83,7 +59,7 @@ def summary_table(ds: Any, title: str) -> Table:
     a = ds.attrs["ntrace"]
     names = layer_names(ds)
     n = int(ds.checkpoint.values[-1])
-    t = Table(title=title, title_justify="left",
+    t = Table(title=plain(title), title_justify="left",
               caption=f"mean loss at the iterates (cumulative loss / N): "
                       f"{_fmt(float(ds.cumulative_loss.values[-1]) / n)}",
               caption_justify="left")
@@ -110,7 +86,7 @@ def summary_table(ds: Any, title: str) -> Table:
         for li, name in enumerate(names):
             if name not in a["layer_scale_layers"]:
                 continue
-            t.add_row("layer", name, _fmt(float(ds.layer_optimum[-1, li])),
+            t.add_row("layer", plain(name), _fmt(float(ds.layer_optimum[-1, li])),
                       _fmt(float(ds.layer_regret_over_sqrt_n[-1, li])),
                       f"{_fmt(float(ds.layer_regret_exponent[li]), '.2f')} "
                       f"[{_fmt(float(ds.layer_regret_exponent_low[li]), '.2f')}, "
@@ -125,7 +101,7 @@ def summary_table(ds: Any, title: str) -> Table:
             e = ds.neuron_regret_exponent.values[sel]
             r = ds.neuron_regret_over_sqrt_n.values[-1, sel]
             fitted = int(np.isfinite(e).sum())
-            t.add_row("neurons", f"{name} ×{int(sel.sum())}",
+            t.add_row("neurons", plain(f"{name} ×{int(sel.sum())}"),
                       _fmt(float(np.nanmean(ds.neuron_optimum.values[-1, sel]))),
                       f"{_fmt(float(np.nanmean(r)), '.3g')}±{_fmt(float(np.nanstd(r)), '.2g')}",
                       (f"{_fmt(float(np.nanmean(e)), '.2f')}±{_fmt(float(np.nanstd(e)), '.2f')}"
@@ -140,10 +116,10 @@ def _print_summary(console: Console, ds: Any, title: str) -> None:
 
     a = ds.attrs["ntrace"]
     console.print(summary_table(ds, title))
-    console.print(f"[dim]domain: {a['domain']} ({a['domain_definition']}); tolerance "
-                  f"{a['tolerance']:g}; {len(a['checkpoints'])} checkpoints up to N = "
-                  f"{a['checkpoints'][-1]}[/]")
-    console.print(f"[dim]{a['comparison']}[/]")
+    console.print(f"[dim]domain: {markup(a['domain'])} ({markup(a['domain_definition'])}); "
+                  f"tolerance {a['tolerance']:g}; {len(a['checkpoints'])} checkpoints up to "
+                  f"N = {a['checkpoints'][-1]}[/]")
+    console.print(f"[dim]{markup(a['comparison'])}[/]")
     if "min_distance" in ds:
         frac = ds.min_distance_fraction.values[1:]
         console.print(f"exploration: nearest earlier configuration at "
@@ -151,25 +127,30 @@ def _print_summary(console: Console, ds: Any, title: str) -> None:
                       f"median switch fraction {_fmt(float(np.median(ds.switch_fraction)), '.3g')}"
                       f"; median log-volume {_fmt(float(np.median(ds.log_volume)), '.4g')}")
     for line in list(a["skipped"]) + list(a["notes"]):
-        console.print(f"[yellow]note:[/] {line}")
+        console.print(f"[yellow]note:[/] {markup(line)}")
 
 
 _common = [
     click.option("--domain", type=click.Choice(["ball", "box", "none"]), default="ball",
                  show_default=True, help="comparator set H of the hindsight optimum"),
-    click.option("--checkpoints", default="32", show_default=True,
-                 help="number of log-spaced checkpoints, or comma-separated Taylor-round counts"),
-    click.option("--tol", type=float, default=1e-6, show_default=True,
-                 help="certified suboptimality each solve must reach (loss units)"),
-    click.option("--max-iter", type=int, default=20000, show_default=True,
-                 help="iteration cap of the iterative solvers"),
+    click.option("--checkpoints", type=Checkpoints(), default="32", show_default=True,
+                 help=f"number of log-spaced checkpoints, or comma-separated Taylor-round "
+                      f"counts; at most {MAX_CHECKPOINTS}, as each one solves every problem "
+                      "again"),
+    click.option("--tol", type=FiniteFloat(MIN_TOL, MAX_TOL), default=1e-6, show_default=True,
+                 help=f"certified suboptimality each solve must reach (loss units), from "
+                      f"{MIN_TOL:g} (float64 sums of float32 data certify no less: solves would "
+                      f"only run to --max-iter) to {MAX_TOL:g}"),
+    click.option("--max-iter", type=click.IntRange(1, MAX_ITER), default=20000,
+                 show_default=True, help="iteration cap of the iterative solvers"),
     click.option("--scale", default=None,
                  help="comma-separated subset of network,layer,neuron [default: all possible]"),
-    click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N"),
-    click.option("--max-dim", type=int, default=None,
-                 help="largest layer/network/neuron problem solved (parameters) [default: 4096 "
-                      "CPU, 16384 CUDA]"),
-    click.option("--max-memory", type=int, default=2048, show_default=True,
+    click.option("--device", type=DEVICE, default="cpu", show_default=True),
+    click.option("--max-dim", type=click.IntRange(1, MAX_DIM), default=None,
+                 help=f"largest layer/network/neuron problem solved (parameters), at most "
+                      f"{MAX_DIM} (a dense Hessian holds d² float64 values) [default: 4096 CPU, "
+                      "16384 CUDA]"),
+    click.option("--max-memory", type=mib(), default=2048, show_default=True,
                  help="MiB of Taylor data held in memory by cross-entropy and binary logistic "
                       "analyses"),
     click.option("--dynamic", is_flag=True,
@@ -178,7 +159,7 @@ _common = [
     click.option("--scheduler", default=None, metavar="ADDRESS",
                  help="run the solves as Dask tasks on this distributed scheduler (e.g. "
                       "tcp://host:8786); its workers must read the trace path or URL"),
-    click.option("--workers", type=int, default=None,
+    click.option("--workers", type=click.IntRange(1, MAX_WORKERS), default=None,
                  help="run the solves as Dask tasks on a local cluster of N processes"),
     click.option("--no-figures", is_flag=True, help="write results only, no figures"),
     click.option("--quiet", "-q", is_flag=True, help="no summary table"),
@@ -191,17 +172,18 @@ def _with_common(fn: F) -> F:
     return fn
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("trace", type=click.Path())
 @click.option("--out", "-o", type=click.Path(), default=None,
               help="output directory [default: TRACE without .zarr + '.analysis']")
 @click.option("--layer", multiple=True, help="analyse only this layer (repeatable)")
-@click.option("--neuron", type=int, multiple=True,
+@click.option("--neuron", type=click.IntRange(min=0), multiple=True,
               help="analyse only this neuron of --layer (repeatable)")
 @_with_common
-@_one_line
+@handle_errors
 def analyze(trace: str, out: str | None, layer: tuple[str, ...], neuron: tuple[int, ...],
-            domain: str, checkpoints: str, tol: float, max_iter: int, scale: str | None,
+            domain: str, checkpoints: int | tuple[int, ...], tol: float, max_iter: int,
+            scale: str | None,
             device: str, max_dim: int | None, max_memory: int, dynamic: bool,
             no_exploration: bool, scheduler: str | None, workers: int | None,
             no_figures: bool, quiet: bool) -> None:
@@ -229,8 +211,8 @@ def analyze(trace: str, out: str | None, layer: tuple[str, ...], neuron: tuple[i
     if not quiet:
         _print_summary(Console(), ds, f"{trace}: {ds.attrs['ntrace']['loss']}, "
                        f"N = {int(ds.checkpoint[-1])} Taylor rounds")
-    click.echo(f"results: {out_dir / 'results.zarr'}" +
-               (f"; figures: {out_dir / 'figures'}" if figs else ""), err=True)
+    click.echo(visible(f"results: {out_dir / 'results.zarr'}" +
+                       (f"; figures: {out_dir / 'figures'}" if figs else "")), err=True)
 
 
 def _plot() -> Any:
@@ -240,8 +222,10 @@ def _plot() -> Any:
     try:
         from ntrace import plot
     except ImportError as exc:
-        raise UsageError(f"figures need matplotlib ({exc}); pip install 'ntrace[plot]', or "
-                         "pass --no-figures") from None
+        if not (exc.name or "").startswith("matplotlib"):
+            raise  # not a missing matplotlib: a bug, reported as one
+        raise UsageError(f"figures need matplotlib, a dependency of ntrace ({exc}): pip install "
+                         "matplotlib, or pass --no-figures") from None
     return plot
 
 
@@ -263,15 +247,16 @@ def _label(ds: Any, path: str) -> str:
     return str(opt) if opt else Path(path).name.removesuffix(".zarr")
 
 
-@click.command(short_help="Analyse several traces and overlay them (optimizer comparison).")
+@click.command(cls=Command,
+               short_help="Analyse several traces and overlay them (optimizer comparison).")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", type=click.Path(), required=True, help="output directory")
 @click.option("--label", multiple=True, help="legend label of each input, in order")
 @_with_common
-@_one_line
+@handle_errors
 def compare(inputs: tuple[str, ...], out: str, label: tuple[str, ...], domain: str,
-            checkpoints: str, tol: float, max_iter: int, scale: str | None, device: str,
-            max_dim: int | None, max_memory: int, dynamic: bool, no_exploration: bool,
+            checkpoints: int | tuple[int, ...], tol: float, max_iter: int, scale: str | None,
+            device: str, max_dim: int | None, max_memory: int, dynamic: bool, no_exploration: bool,
             scheduler: str | None, workers: int | None, no_figures: bool,
             quiet: bool) -> None:
     """Analyse several traces (e.g. SGD, RMSProp, Adam) and overlay them in one set of
@@ -325,5 +310,6 @@ def compare(inputs: tuple[str, ...], out: str, label: tuple[str, ...], domain: s
         con = Console()
         for ds, lab in zip(results, labels, strict=True):
             con.print(summary_table(ds, f"{lab}: {ds.attrs['ntrace']['trace']}"))
-    click.echo(f"results: {out_dir}" + ("" if no_figures else f"; figures: {out_dir / 'figures'}"),
+    click.echo(visible(f"results: {out_dir}" + ("" if no_figures
+                                                else f"; figures: {out_dir / 'figures'}")),
                err=True)

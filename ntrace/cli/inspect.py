@@ -6,10 +6,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ntrace.cli import fail_with_reasons, handle_errors
+from ntrace.cli import Command, fail_with_reasons, handle_errors
+from ntrace.cli.text import plain, size, visible
 
 
-@click.command(short_help="Summarise a trace: format, run, layers, arrays and bytes.")
+@click.command(cls=Command, short_help="Summarise a trace: format, run, layers, arrays and bytes.")
 @click.argument("trace", type=click.Path())
 @handle_errors
 def info(trace: str) -> None:
@@ -22,27 +23,28 @@ def info(trace: str) -> None:
     head.add_column(style="bold")
     head.add_column()
     for key, value in s.header:
-        head.add_row(key, value)
+        head.add_row(key, plain(value))
     console.print(head)
     layers = Table(title="tracked layers", title_justify="left")
     for col in ("layer", "kind", "shape", "activation", "tracked", "jacobian"):
         layers.add_column(col)
     for row in s.layers:
-        layers.add_row(*row)
+        layers.add_row(*map(plain, row))
     console.print(layers)
     arrays = Table(title="arrays", title_justify="left")
     for col, just in (("array", "left"), ("dims", "left"), ("shape", "left"), ("dtype", "left"),
                       ("stored", "right"), ("raw", "right"), ("ratio", "right")):
         arrays.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
-    for row in s.arrays:
-        arrays.add_row(*row)
+    for path, dims, shape, dtype, stored, raw in s.arrays:
+        arrays.add_row(*map(plain, (path, dims, shape, dtype)), size(stored), size(raw),
+                       f"{raw / stored:.1f}" if stored else "—")
     console.print(arrays)
-    console.print(f"[bold]total[/] {s.stored_human} on disk for {s.raw_human} of data "
+    console.print(f"[bold]total[/] {size(s.stored)} on disk for {size(s.raw)} of data "
                   f"(compression ×{s.ratio:.1f}); activations at {s.bits_per_activation:.3f} "
                   "bits each")
 
 
-@click.command(short_help="Check that a trace conforms to the format spec.")
+@click.command(cls=Command, short_help="Check that a trace conforms to the format spec.")
 @click.argument("trace", type=click.Path())
 @click.option("--quick", is_flag=True, help="check metadata and structure only, not the data")
 @handle_errors
@@ -57,7 +59,7 @@ def validate(trace: str, quick: bool) -> None:
         a = report.attrs
         assert a is not None
         note = "" if a.status == "complete" else f" (status {a.status}: committed prefix only)"
-        click.echo(f"valid: {trace} conforms to format {a.format_version}; "
+        click.echo(f"valid: {visible(trace)} conforms to format {a.format_version}; "
                    f"{a.commit.rounds} rounds, {a.commit.taylor_rounds} Taylor rounds, "
                    f"{a.commit.snapshots} snapshots{note}")
         return

@@ -16,6 +16,7 @@ from rich.progress import (
 )
 from rich.progress import Progress as RichProgress
 
+from ntrace.cli.text import markup
 from ntrace.progress import Progress
 
 COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -53,7 +54,7 @@ class Bars:
             return
         self.shown[p.stage] = now
         kw = {} if self.fields is None else self.fields(p)
-        text = f"{self.prefix}{self.describe(p)}"
+        text = markup(f"{self.prefix}{self.describe(p)}")  # labels hold trace strings
         if p.stage not in self.tasks:
             self.tasks[p.stage] = self.bars.add_task(text, total=p.total, **kw)
         self.bars.update(self.tasks[p.stage], description=text, completed=p.done,

@@ -9,41 +9,56 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-from ntrace.cli import handle_errors
+from ntrace.cli import Command, handle_errors
+from ntrace.cli.options import (
+    DEVICE,
+    MAX_LR,
+    MAX_PROBE,
+    FiniteFloat,
+    Neurons,
+    mib,
+    rounds,
+)
 from ntrace.cli.progress import Bars
+from ntrace.cli.text import markup, size
 from ntrace.progress import Progress
+from ntrace.tasks.runner import MAX_SEED, OPTIMIZERS
 
 
-@click.command(short_help="Train a task (or run a script) and record its Taylor trace.")
+@click.command(cls=Command,
+               short_help="Train a task (or run a script) and record its Taylor trace.")
 @click.option("--task", default=None,
               help="built-in task [default: digits-autoencoder]; not with a command")
 @click.option("--out", "out", default=None, help="trace path [default: TASK-OPTIMIZER.zarr]")
-@click.option("--optimizer", default="sgd", show_default=True,
-              help="sgd | momentum | rmsprop | adam | adagrad")
-@click.option("--lr", type=float, default=None, help="learning rate [default: per task]")
-@click.option("--epochs", type=int, default=None, help="epochs [default: per task]")
-@click.option("--steps", type=int, default=None, help="train this many rounds instead")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True)
+@click.option("--lr", type=FiniteFloat(0, MAX_LR, min_open=True), default=None,
+              help=f"learning rate, at most {MAX_LR:g} (larger overflows float32 weights) "
+                   "[default: per task]")
+@click.option("--epochs", type=rounds(), default=None, help="epochs [default: per task]")
+@click.option("--steps", type=rounds(), default=None, help="train this many rounds instead")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="seed of the initialisation, data order and probe (0 to 2^63-1)")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--data-dir", type=click.Path(), default=None,
               help="directory with the data set's standard files (MNIST IDX)")
 @click.option("--overwrite", is_flag=True, help="replace an existing trace at --out")
-@click.option("--taylor-every", type=int, default=None,
+@click.option("--taylor-every", type=rounds(), default=None,
               help="record Taylor data every k rounds [default: per task]")
-@click.option("--samples-per-round", type=int, default=None,
+@click.option("--samples-per-round", type=click.IntRange(1, MAX_PROBE), default=None,
               help="samples of each recorded minibatch [default: per task]")
-@click.option("--neurons", default=None,
+@click.option("--neurons", type=Neurons(), default=None,
               help="'all' or K: a seeded sample of K tracked neurons per layer [default: per "
                    "task]")
-@click.option("--probe-size", type=int, default=None,
-              help="probe points for activation configurations, 0 = none [default: per task]")
-@click.option("--probe-every", type=int, default=None,
+@click.option("--probe-size", type=click.IntRange(0, MAX_PROBE), default=None,
+              help=f"probe points for activation configurations, 0 = none, at most {MAX_PROBE} "
+                   "(each snapshot stores a bit per point and unit) [default: per task]")
+@click.option("--probe-every", type=rounds(), default=None,
               help="rounds between snapshots [default: each epoch, >= 64 per run]")
-@click.option("--max-jacobian-memory", type=int, default=256, show_default=True,
+@click.option("--max-jacobian-memory", type=mib(), default=256, show_default=True,
               help="MiB for one chunk of batched Jacobian products (graph models)")
 @click.option("--unsupported", type=click.Choice(["error", "warn", "skip"]), default="error",
               show_default=True, help="what to do with modules ntrace cannot interpret")
-@click.option("--checkpoint-every", type=int, default=None,
+@click.option("--checkpoint-every", type=rounds(), default=None,
               help="rounds between resumable checkpoints [default: at the end of the first "
                    "epoch (or after 5 s), then at most one a minute, and one at the end]")
 @click.option("--resume", "resume", type=click.Path(), default=None,
@@ -54,7 +69,8 @@ from ntrace.progress import Progress
 @handle_errors
 def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs: int | None,
            steps: int | None, seed: int, device: str, data_dir: str | None, overwrite: bool,
-           taylor_every: int | None, samples_per_round: int | None, neurons: str | None,
+           taylor_every: int | None, samples_per_round: int | None,
+           neurons: str | int | None,
            probe_size: int | None, probe_every: int | None, max_jacobian_memory: int,
            unsupported: str, checkpoint_every: int | None, resume: str | None,
            list_tasks: bool,
@@ -62,7 +78,7 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
     """Train a built-in task and record its Taylor trace, or record an unmodified script:
     ``ntrace record [OPTIONS] -- python train.py [ARGS]`` (or ``-- python -m MODULE``)."""
     from ntrace.errors import UsageError
-    from ntrace.format.summary import dir_bytes, human_bytes
+    from ntrace.format.summary import dir_bytes
     from ntrace.tasks import TASKS, get_task
     from ntrace.tasks.runner import RunOptions, run_task
 
@@ -106,30 +122,18 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
 
     def fields(p: Progress) -> dict[str, Any]:
         return {"rate": p.done / max(p.elapsed or 0.0, 1e-9),
-                "size": human_bytes(dir_bytes(out)) if os.path.isdir(out) else ""}
+                "size": size(dir_bytes(out)) if os.path.isdir(out) else ""}
 
     with Bars(console, columns, describe=lambda p: f"recording {task}", fields=fields,
               every=0.25) as bars:
         bars(Progress("rounds", 0, None))
         result = run_task(spec, opts, bars)
     console.print(f"[green]recorded[/] {result.rounds} rounds in {result.seconds:.1f} s, "
-                  f"final loss {result.final_loss:.5f} → {out}")
-
-
-def _parse_neurons(neurons: str | None, default: str | int) -> str | int:
-    from ntrace.errors import UsageError
-
-    if neurons is None or neurons == "all":
-        return default if neurons is None else "all"
-    try:
-        return int(neurons)
-    except ValueError:
-        raise UsageError(f"--neurons must be 'all' or a positive integer, found {neurons!r}"
-                         ) from None
+                  f"final loss {result.final_loss:.5f} → {markup(out)}")
 
 
 def _sampling(defaults: Any, taylor_every: int | None, samples_per_round: int | None,
-              neurons: str | None) -> Any:
+              neurons: str | int | None) -> Any:
     """The sampling policy: the options given, the defaults for the rest."""
     from ntrace.errors import UsageError
     from ntrace.format.metadata import Sampling
@@ -139,13 +143,13 @@ def _sampling(defaults: Any, taylor_every: int | None, samples_per_round: int | 
             taylor_every=defaults.taylor_every if taylor_every is None else taylor_every,
             samples_per_round=(defaults.samples_per_round if samples_per_round is None
                                else samples_per_round),
-            neurons=_parse_neurons(neurons, defaults.neurons))
+            neurons=defaults.neurons if neurons is None else neurons)
     except ValueError as exc:
         raise UsageError(f"bad sampling option: {exc}") from None
 
 
 def _record_command(command: list[str], out: str, overwrite: bool, taylor_every: int | None,
-                    samples_per_round: int | None, neurons: str | None,
+                    samples_per_round: int | None, neurons: str | int | None,
                     probe_size: int | None, probe_every: int | None, max_jacobian_memory: int,
                     unsupported: str, console: Console) -> None:
     from ntrace.format.metadata import Sampling
@@ -158,6 +162,5 @@ def _record_command(command: list[str], out: str, overwrite: bool, taylor_every:
                        overwrite=overwrite, unsupported=unsupported,
                        max_jacobian_memory=max_jacobian_memory << 20)
     result = run_wrapped(command, opts)
-    console.print(f"[green]recorded[/] {result.rounds} rounds of {' '.join(command)} → {out}")
-    if result.exit_code:
-        raise SystemExit(result.exit_code)
+    console.print(f"[green]recorded[/] {result.rounds} rounds of {markup(' '.join(command))} → "
+                  f"{markup(out)}")

@@ -8,11 +8,15 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ntrace.cli.analyze import _one_line
+from ntrace.cli import Command, handle_errors
+from ntrace.cli.options import DEVICE
 from ntrace.cli.progress import Bars
+from ntrace.cli.text import markup, plain
+
+MAX_SEEDS = 100  # every seed is a full set of recorded and analysed runs
 
 
-@click.command(short_help="Reproduce the paper and judge its claims in a report.")
+@click.command(cls=Command, short_help="Reproduce the paper and judge its claims in a report.")
 @click.option("--out", "-o", type=click.Path(), default="repro", show_default=True,
               help="output directory (rerunning into it skips finished runs)")
 @click.option("--scale", type=click.Choice(["small", "paper", "tiny"]), default="small",
@@ -22,13 +26,14 @@ from ntrace.cli.progress import Bars
 @click.option("--data-dir", type=click.Path(), default=None,
               help="folder with MNIST and/or CIFAR-10 files, or with mnist/ and cifar10/ "
                    "subfolders [default: the bundled 8x8 digits]")
-@click.option("--seeds", type=int, default=1, show_default=True,
-              help="seeds per task and optimizer at the chosen learning rate (bands over seeds)")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=1, show_default=True,
+              help="seeds per task and optimizer at the chosen learning rate (bands over "
+                   f"seeds), at most {MAX_SEEDS}")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--optimizers", default="sgd,rmsprop,adam", show_default=True,
               help="comma-separated subset (must include sgd)")
 @click.option("--no-figures", is_flag=True, help="report without figures")
-@_one_line
+@handle_errors
 def reproduce(out: str, scale: str, data_dir: str | None, seeds: int, device: str,
               optimizers: str, no_figures: bool) -> None:
     """Reproduce Sec. 2.4 and 3.3 of Balduzzi et al. (ICML 2017): the autoencoder and the
@@ -46,8 +51,8 @@ def reproduce(out: str, scale: str, data_dir: str | None, seeds: int, device: st
               describe=lambda p: p.label if p.stage == "jobs" else f"  {p.label}") as bars:
         rep = run(out, plan, bars, figures=not no_figures)
     _print(Console(), rep)
-    console.print(f"report: {rep.files[0]} and {rep.files[1]} ({rep.seconds / 60:.1f} min; "
-                  f"{rep.skipped} runs reused)")
+    console.print(f"report: {markup(rep.files[0])} and {markup(rep.files[1])} "
+                  f"({rep.seconds / 60:.1f} min; {rep.skipped} runs reused)")
 
 
 def _print(console: Console, rep: Any) -> None:
@@ -56,5 +61,6 @@ def _print(console: Console, rep: Any) -> None:
     for col in ("#", "claim", "on", "verdict"):
         t.add_column(col, overflow="fold")
     for i, v in enumerate(rep.verdicts, 1):
-        t.add_row(str(i), v.statement, v.scope, f"[{colors[v.verdict]}]{v.verdict}[/]")
+        t.add_row(str(i), plain(v.statement), plain(v.scope),
+                  f"[{colors[v.verdict]}]{v.verdict}[/]")
     console.print(t)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
-from ntrace.cli import fail_with_reasons, handle_errors
+from ntrace.cli import Command, fail_with_reasons, handle_errors
+from ntrace.cli.text import size, visible
 
 
-@click.command(short_help="Pack a trace into one checksummed .zip file.")
+@click.command(cls=Command, short_help="Pack a trace into one checksummed .zip file.")
 @click.argument("trace")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, help="replace OUT if it is a trace packed by ntrace")
@@ -20,24 +21,24 @@ def pack(trace: str, out: str, overwrite: bool, deep: bool) -> None:
     of SHA-256 checksums; every ntrace command reads OUT directly."""
     from ntrace.cli.progress import Bars
     from ntrace.format.pack import pack_trace
-    from ntrace.format.summary import human_bytes
 
     with Bars(Console(stderr=True)) as bars:
         result = pack_trace(trace, out, overwrite=overwrite, validate=deep, progress=bars)
     c = result.commit
     note = "" if result.status == "complete" else f", status {result.status}"
-    click.echo(f"packed {trace} → {result.path}: {result.objects} objects, "
-               f"{human_bytes(result.bytes)}, format {result.format_version}, {c['rounds']} "
-               f"rounds, {c['taylor_rounds']} Taylor rounds, {c['snapshots']} snapshots{note}")
+    click.echo(visible(f"packed {trace} → {result.path}: {result.objects} objects, "
+                       f"{size(result.bytes)}, format {result.format_version}, {c['rounds']} "
+                       f"rounds, {c['taylor_rounds']} Taylor rounds, {c['snapshots']} "
+                       f"snapshots{note}"))
     click.echo(f"manifest sha256 {result.manifest_sha256} (share it apart from the file; "
                "`ntrace verify --digest` checks it)")
     if result.skipped:
         more = f" and {len(result.skipped) - 3} more" if len(result.skipped) > 3 else ""
-        click.echo(f"left out {len(result.skipped)} stray file(s) that belong to no node: "
-                   f"{', '.join(result.skipped[:3])}{more}", err=True)
+        click.echo(visible(f"left out {len(result.skipped)} stray file(s) that belong to no "
+                           f"node: {', '.join(result.skipped[:3])}{more}"), err=True)
 
 
-@click.command(short_help="Check every checksum of a packed trace.")
+@click.command(cls=Command, short_help="Check every checksum of a packed trace.")
 @click.argument("archive", type=click.Path())
 @click.option("--digest", metavar="HEX", default=None,
               help="the manifest's SHA-256 printed by `ntrace pack`: pins the whole archive")
@@ -54,9 +55,9 @@ def verify(archive: str, digest: str | None) -> None:
     if report.ok:
         m = report.manifest or {}
         c = m.get("commit") or {}
-        click.echo(f"verified: {archive}: {report.objects} objects match their SHA-256 "
-                   f"(format {m.get('format_version')}, {c.get('rounds')} rounds, status "
-                   f"{m.get('status')})" + ("; the manifest matches the pinned digest"
-                                            if digest else ""))
+        click.echo(visible(f"verified: {archive}: {report.objects} objects match their SHA-256 "
+                           f"(format {m.get('format_version')}, {c.get('rounds')} rounds, "
+                           f"status {m.get('status')})") + ("; the manifest matches the pinned "
+                                                            "digest" if digest else ""))
         return
     fail_with_reasons("corrupt", archive, list(report.reasons))

@@ -78,12 +78,21 @@ def parse_mapping(data: object, where: str) -> Mapping[str, Any]:
 
 
 def parse_layer_name(data: object, where: str) -> str:
-    """A layer (group) name: non-empty, no '/' (it would name a nested group), not '.'/'..'."""
+    """A layer (group) name: non-empty, no '/' (it would name a nested group), not '.'/'..',
+    and Unicode that UTF-8 can encode (Zarr keys are UTF-8: no lone surrogates)."""
     name = parse_str(data, where)
-    if not name or "/" in name or name in (".", ".."):
-        raise _fail(where, f"layer name {name!r} must be non-empty, contain no '/' and not be "
-                           "'.' or '..'")
+    if not name or "/" in name or name in (".", "..") or not _utf8(name):
+        raise _fail(where, f"layer name {name!r} must be non-empty, valid Unicode (no lone "
+                           "surrogates), contain no '/' and not be '.' or '..'")
     return name
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_format_version(data: object, where: str = "format_version") -> tuple[int, int]:

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from ntrace.format.reader import Trace, open_trace
-from ntrace.format.sizes import human_bytes
 from ntrace.format.store import stored_sizes
 
 
@@ -34,9 +33,13 @@ def dir_bytes(path: str | os.PathLike[str]) -> int:
 
 @dataclass
 class Summary:
+    """Rows of text as they come from the trace (not escaped for a terminal), and byte
+    counts (not formatted): showing them is the caller's."""
+
     header: list[tuple[str, str]] = field(default_factory=list)
     layers: list[tuple[str, ...]] = field(default_factory=list)
-    arrays: list[tuple[str, ...]] = field(default_factory=list)
+    # path, dims, shape, dtype, stored bytes, raw bytes
+    arrays: list[tuple[str, str, str, str, int, int]] = field(default_factory=list)
     stored: int = 0
     raw: int = 0
     activation_bits_stored: int = 0
@@ -49,14 +52,6 @@ class Summary:
     @property
     def bits_per_activation(self) -> float:
         return 8 * self.activation_bits_stored / max(self.activations, 1)
-
-    @property
-    def stored_human(self) -> str:
-        return human_bytes(self.stored)
-
-    @property
-    def raw_human(self) -> str:
-        return human_bytes(self.raw)
 
 
 def summarize(path: str | os.PathLike[str]) -> Summary:
@@ -115,8 +110,7 @@ def _summarize(tr: Trace) -> Summary:
         raw = int(np.prod(shape)) * np.dtype(lay.dtype).itemsize
         stored = sizes.get(p, 0)
         s.arrays.append((p, ",".join(lay.dims), "×".join(map(str, shape)) or "scalar", lay.dtype,
-                         human_bytes(stored), human_bytes(raw),
-                         f"{raw / stored:.1f}" if stored else "—"))
+                         stored, raw))
         s.raw += raw
         if lay.kind == "bits":
             s.activation_bits_stored += stored

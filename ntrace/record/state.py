@@ -70,24 +70,41 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer | None, ck: Check
     if saved != set(own):
         raise InvalidTraceError(f"the checkpoint holds parameters {sorted(saved)[:4]}… but the "
                                 f"model has {sorted(own)[:4]}…; resume with the same model")
+    for k, v in own.items():
+        saved_k = a[f"model.{k}"]
+        if saved_k.shape != tuple(v.shape) or saved_k.dtype.kind not in "biuf":
+            raise InvalidTraceError(f"checkpoint array model.{k} is {saved_k.dtype} of shape "
+                                    f"{saved_k.shape}, but the model's {k} is {tuple(v.shape)}; "
+                                    "resume with the same model")
     model.load_state_dict({k: torch.from_numpy(a[f"model.{k}"]).to(v.device)
                            for k, v in own.items()})
     opt_meta = ck.meta.get("optimizer")
-    if optimizer is not None and opt_meta is not None:
-        if opt_meta["type"] != type(optimizer).__name__:
-            raise InvalidTraceError(f"the checkpoint was taken with {opt_meta['type']}, not "
-                                    f"{type(optimizer).__name__}")
-        state: dict[int, dict[str, Any]] = {}
-        for k in a:
-            if k.startswith("optim."):
-                _, idx, key = k.split(".", 2)
-                state.setdefault(int(idx), {})[key] = torch.from_numpy(a[k])
-        for k, v in opt_meta["scalars"].items():
-            idx, key = k.split(".", 1)
-            state.setdefault(int(idx), {})[key] = _unjson(v)
-        optimizer.load_state_dict({"state": state,
-                                   "param_groups": _unjson(opt_meta["param_groups"])})
-    torch.set_rng_state(torch.from_numpy(a["rng.torch"]))
-    cuda = sorted(k for k in a if k.startswith("rng.cuda."))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.from_numpy(a[k]) for k in cuda])
+    try:  # what is left holds no shapes we can check first: refuse what torch refuses
+        if optimizer is not None and opt_meta is not None:
+            _restore_optimizer(optimizer, opt_meta, a)
+        torch.set_rng_state(torch.from_numpy(a["rng.torch"]))
+        cuda = sorted(k for k in a if k.startswith("rng.cuda."))
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.from_numpy(a[k]) for k in cuda])
+    except InvalidTraceError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise InvalidTraceError(f"the checkpoint's optimizer or RNG state does not fit: "
+                                f"{type(exc).__name__}: {exc}") from exc
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, opt_meta: dict[str, Any],
+                       a: dict[str, np.ndarray]) -> None:
+    if opt_meta["type"] != type(optimizer).__name__:
+        raise InvalidTraceError(f"the checkpoint was taken with {opt_meta['type']}, not "
+                                f"{type(optimizer).__name__}")
+    state: dict[int, dict[str, Any]] = {}
+    for k in a:
+        if k.startswith("optim."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = torch.from_numpy(a[k])
+    for k, v in opt_meta["scalars"].items():
+        idx, key = k.split(".", 1)
+        state.setdefault(int(idx), {})[key] = _unjson(v)
+    optimizer.load_state_dict({"state": state,
+                               "param_groups": _unjson(opt_meta["param_groups"])})

@@ -16,9 +16,11 @@ from ntrace.errors import UsageError
 from ntrace.format.metadata import Sampling
 from ntrace.progress import OnProgress, Progress
 from ntrace.record.recorder import Recorder
+from ntrace.tasks.position import data_position
 from ntrace.tasks.registry import Task
 
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam", "adagrad")
+MAX_SEED = 2**63 - 1  # an int64: every JSON reader of the trace reads it exactly
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ def resolve_device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError as exc:
         raise UsageError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {name!r} is not one ntrace trains on; use cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} requested but CUDA is not available here; "
                          "use --device cpu")
@@ -87,6 +91,13 @@ def run_task(task: Task, opts: RunOptions,
                          f"{', '.join(OPTIMIZERS)}")
     if opts.epochs is not None and opts.steps is not None:
         raise UsageError("give --epochs or --steps, not both")
+    if not 0 <= opts.seed <= MAX_SEED:
+        raise UsageError(f"seed must be from 0 to 2^63-1, found {opts.seed}")
+    for name, value, least in (("probe_size", opts.probe_size, 0),
+                               ("probe_every", opts.probe_every, 1),
+                               ("checkpoint_every", opts.checkpoint_every, 1)):
+        if value is not None and value < least:
+            raise UsageError(f"{name} must be at least {least}, found {value}")
     lr = opts.lr if opts.lr is not None else task.learning_rates[opts.optimizer]
     if not lr > 0 or not math.isfinite(lr):
         raise UsageError(f"--lr must be a positive number, found {lr}")
@@ -97,7 +108,8 @@ def run_task(task: Task, opts: RunOptions,
     if n < bs:
         raise UsageError(f"data set has {n} samples, fewer than one batch of {bs}")
     per_epoch = n // bs  # the last partial batch is dropped: every round has bs samples
-    total = opts.steps if opts.steps is not None else per_epoch * (opts.epochs or task.epochs)
+    total = opts.steps if opts.steps is not None else per_epoch * (
+        task.epochs if opts.epochs is None else opts.epochs)
     if total < 1:
         raise UsageError("nothing to train: --steps/--epochs must be at least 1")
 
@@ -144,10 +156,9 @@ def run_task(task: Task, opts: RunOptions,
         return since >= opts.checkpoint_seconds
     done, order, first = 0, None, 0
     if rec is not None and rec.resumed is not None:  # continue exactly where it stopped
-        ck = rec.resumed
-        done, first = ck.round, int(ck.meta["user"]["epoch_position"])
-        order = torch.from_numpy(ck.arrays["user.data.order"])
-        gen.set_state(torch.from_numpy(ck.arrays["user.data.rng"]))
+        done = rec.resumed.round
+        first, order, rng = data_position(rec.resumed, n, per_epoch)
+        gen.set_state(rng)
     start = time.perf_counter()
     last = float("nan")
     b = first

@@ -69,19 +69,13 @@ def test_unknown_task(tmp_path: Path) -> None:
 def test_unknown_optimizer(tmp_path: Path) -> None:
     line = check(invoke("record", "--optimizer", "lbfgs", "--out", str(tmp_path / "t.zarr"),
                         *TINY), UsageError.exit_code)
-    assert "unknown optimizer 'lbfgs'" in line and "adam" in line
+    assert "'lbfgs' is not one of 'sgd', 'momentum', 'rmsprop', 'adam', 'adagrad'" in line
     assert not (tmp_path / "t.zarr").exists()
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["--neurons", "many"], "--neurons must be 'all' or a positive integer, found 'many'"),
-    (["--neurons", "0"], "sampling.neurons: expected an integer >= 1"),
-    (["--taylor-every", "-2"], "sampling.taylor_every: expected an integer >= 1, found -2"),
+@pytest.mark.parametrize(("args", "needle"), [  # what only the task decides (ranges: test_options)
     (["--samples-per-round", "65"], "--samples-per-round 65 exceeds the batch size 64"),
-    (["--lr", "-1"], "--lr must be a positive number"),
-    (["--lr", "nan"], "--lr must be a positive number"),
     (["--epochs", "1"], "give --epochs or --steps, not both"),
-    (["--steps", "0"], "nothing to train"),
 ])
 def test_bad_option_values(tmp_path: Path, args: list[str], needle: str) -> None:
     line = check(invoke("record", "--out", str(tmp_path / "t.zarr"), *TINY, *args),
@@ -95,12 +89,6 @@ def test_cuda_requested_without_cuda(tmp_path: Path) -> None:
     line = check(invoke("record", "--device", "cuda", "--out", str(tmp_path / "t.zarr"), *TINY),
                  UsageError.exit_code)
     assert "CUDA is not available" in line and "--device cpu" in line
-
-
-@pytest.mark.parametrize("option", ["--taylor-every", "--samples-per-round"])
-def test_zero_sampling_options_are_refused(tmp_path: Path, option: str) -> None:
-    check(invoke("record", "--out", str(tmp_path / "t.zarr"), *TINY, option, "0"),
-          UsageError.exit_code)
 
 
 # -- record: data ----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,3 +170,68 @@ def test_a_default_run_with_huge_steps_killed_early_opens_and_resumes(tmp_path: 
     tr = open_trace(out)
     assert tr.attrs.status == "complete" and tr.rounds == steps
     assert validate_trace(out).ok
+
+
+# -- hostile run metadata and checkpoints: one line naming the field, nothing written --------------
+def _edit_run(path: Path, **fields: object) -> None:
+    doc = json.loads((path / "zarr.json").read_text())
+    doc["attributes"]["ntrace"]["run"].update(fields)
+    doc.pop("consolidated_metadata", None)
+    (path / "zarr.json").write_text(json.dumps(doc))
+
+
+def _checkpoint_array(path: Path, name: str, value: np.ndarray) -> None:
+    from zarr.codecs import BloscCodec
+
+    g = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    slot = g.attrs["ntrace"]["checkpoint"]["slot"]
+    g[f"checkpoints/{slot}"].create_array(
+        name, shape=value.shape, dtype=value.dtype, chunks=value.shape, overwrite=True,
+        compressors=[BloscCodec(cname="zstd")],
+        dimension_names=tuple(f"{name}:{i}" for i in range(value.ndim)))[...] = value
+    _edit_run(path)  # drop the consolidated metadata the new array disagrees with
+
+
+HOSTILE = {
+    "nan-seed": (lambda p: _edit_run(p, seed=float("nan")),
+                 "run.seed: expected an integer, found float"),
+    "dataset-as-string": (lambda p: _edit_run(p, dataset="digits"),
+                          "run.dataset: expected an object, found str"),
+    "lr-fast": (lambda p: _edit_run(p, learning_rate="fast"),
+                "run.learning_rate: expected a finite number, found 'fast'"),
+    "negative-lr": (lambda p: _edit_run(p, learning_rate=-1.0),
+                    "run.learning_rate: expected a positive number, found -1.0"),
+    "huge-seed": (lambda p: _edit_run(p, seed=2**64), "run.seed: expected an integer below 2^63"),
+    "unknown-optimizer": (lambda p: _edit_run(p, optimizer_choice="lbfgs"),
+                          "run.optimizer_choice: expected one of sgd, momentum"),
+    "order-out-of-range": (
+        lambda p: _checkpoint_array(p, "user.data.order", np.arange(1797, dtype=np.int64) * 1000),
+        "checkpoint array user.data.order: expected an order of the 1797 samples (each index "
+        "once), found int64 of shape (1797,), values 0 to 1796000"),
+    "rng-garbage": (lambda p: _checkpoint_array(p, "user.data.rng", np.ones(5056, np.uint8)),
+                    "checkpoint array user.data.rng: not the state of a torch generator"),
+    "weight-shape": (
+        lambda p: _checkpoint_array(p, "model.fc1.weight", np.zeros((50, 63), np.float32)),
+        "checkpoint array model.fc1.weight is float32 of shape (50, 63), but the model's "
+        "fc1.weight is (50, 64); resume with the same model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_resume_refuses_hostile_metadata_in_one_line(tmp_path: Path, uninterrupted: Path,
+                                                     case: str) -> None:
+    from click.testing import CliRunner
+
+    from ntrace.cli import main
+
+    mutate, needle = HOSTILE[case]
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(uninterrupted, out)
+    mutate(out)
+    before = (out / "zarr.json").read_bytes()
+    result = CliRunner().invoke(main, ["record", "--resume", str(out), "--steps", "100"])
+    assert result.exit_code == InvalidTraceError.exit_code, result.output
+    assert "Traceback" not in result.output and result.output.count("\n") == 1
+    assert result.output.startswith("error: ") and needle in result.output
+    if case != "weight-shape":  # refused from the metadata alone: nothing was written
+        assert (out / "zarr.json").read_bytes() == before
