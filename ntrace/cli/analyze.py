@@ -24,8 +24,8 @@ from ntrace.cli.options import (
     FiniteFloat,
     mib,
 )
-from ntrace.cli.text import markup, plain, visible
 from ntrace.cli.progress import Bars
+from ntrace.cli.text import markup, plain, visible
 
 F = TypeVar("F", bound=Callable[..., Any])
 
