@@ -53,7 +53,8 @@ class Bars:
                 and now - self.shown.get(p.stage, -1e9) < self.every):
             return
         self.shown[p.stage] = now
-        kw = {} if self.fields is None else self.fields(p)
+        drawn = self.console.is_terminal  # off a terminal only the outer stage's labels print
+        kw = {} if self.fields is None or not drawn else self.fields(p)
         text = markup(f"{self.prefix}{self.describe(p)}")  # labels hold trace strings
         if p.stage not in self.tasks:
             self.tasks[p.stage] = self.bars.add_task(text, total=p.total, **kw)
