@@ -104,6 +104,22 @@ def test_no_numeric_option_is_unbounded() -> None:
     assert unbounded == []
 
 
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_command_states_its_ranges_in_its_help(name: str) -> None:
+    result = invoke(name, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Show this message and exit." in result.stdout
+    if name in ("record", "analyze", "reproduce"):
+        assert "--device [cpu|cuda|cuda:N]" in result.stdout
+    text = " ".join(result.stdout.split())  # as wrapped for any width
+    if name == "record":
+        assert "--seed INTEGER RANGE" in text and "0<=x<=9223372036854775807" in text
+        assert "--lr FLOAT RANGE learning rate, at most 1e+06 (larger overflows float32" in text
+        assert "--neurons all|K" in text
+    if name == "analyze":
+        assert "at most 1000, as each one solves every problem again" in text
+
+
 def test_unknown_commands_and_options_are_one_line() -> None:
     line = check(invoke("frobnicate"), UsageError.exit_code)
     assert line == "error: No such command 'frobnicate'; see 'main --help'"
