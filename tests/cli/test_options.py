@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import pytest
 
-from ntrace.cli import COMMANDS, main
+from ntrace.cli import COMMANDS, Command, main
 from ntrace.errors import UsageError
 from ntrace.tasks import get_task
 from ntrace.tasks.runner import RunOptions, run_task
@@ -118,6 +118,11 @@ def test_every_command_states_its_ranges_in_its_help(name: str) -> None:
         assert "--neurons all|K" in text
     if name == "analyze":
         assert "at most 1000, as each one solves every problem again" in text
+
+
+def test_every_command_reports_bad_options_in_one_line() -> None:
+    ctx = click.Context(main)
+    assert all(isinstance(main.get_command(ctx, name), Command) for name in COMMANDS)
 
 
 def test_unknown_commands_and_options_are_one_line() -> None:
