@@ -40,7 +40,7 @@ class Device(click.ParamType):
     KINDS = ("cpu", "cuda")
     PATTERN = re.compile(r"cpu|cuda(:[0-9]{1,4})?")
 
-    def get_metavar(self, param: click.Parameter, *args: Any) -> str:
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
         return "[cpu|cuda|cuda:N]"
 
     def convert(self, value: Any, param: click.Parameter | None,
@@ -54,6 +54,9 @@ class Neurons(click.ParamType):
     """``all`` or a count K >= 1 of tracked neurons per layer."""
 
     name = "all|K"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return self.name
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import pytest
 
-from ntrace.cli import COMMANDS, main
+from ntrace.cli import COMMANDS, Command, main
 from ntrace.errors import UsageError
 from ntrace.tasks import get_task
 from ntrace.tasks.runner import RunOptions, run_task
@@ -102,6 +102,27 @@ def test_no_numeric_option_is_unbounded() -> None:
                  for p in main.get_command(ctx, name).params  # type: ignore[union-attr]
                  if p.type in (click.INT, click.FLOAT)]
     assert unbounded == []
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_command_states_its_ranges_in_its_help(name: str) -> None:
+    result = invoke(name, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Show this message and exit." in result.stdout
+    if name in ("record", "analyze", "reproduce"):
+        assert "--device [cpu|cuda|cuda:N]" in result.stdout
+    text = " ".join(result.stdout.split())  # as wrapped for any width
+    if name == "record":
+        assert "--seed INTEGER RANGE" in text and "0<=x<=9223372036854775807" in text
+        assert "--lr FLOAT RANGE learning rate, at most 1e+06 (larger overflows float32" in text
+        assert "--neurons all|K" in text
+    if name == "analyze":
+        assert "at most 1000, as each one solves every problem again" in text
+
+
+def test_every_command_reports_bad_options_in_one_line() -> None:
+    ctx = click.Context(main)
+    assert all(isinstance(main.get_command(ctx, name), Command) for name in COMMANDS)
 
 
 def test_unknown_commands_and_options_are_one_line() -> None:
