@@ -156,3 +156,11 @@ class Metric(ABC):
         """Entries of the Dataset's ``exploration`` attribute (how it was computed)."""
         del value
         return {}
+
+
+class SnapshotPassMetric(Metric):
+    """A metric computed in one cheap pass over consecutive snapshots: its parts are snapshot
+    ranges, half as many as the costlier metrics get."""
+
+    def parts(self, probe: Probe, opts: AnalysisOptions, tasks: int) -> list[Part]:
+        return even_ranges([1.0] * probe.snapshots, max(1, tasks // 2))

@@ -11,12 +11,11 @@ import xarray as xr
 
 from ntrace.analyze.metrics.base import (
     Configs,
-    Metric,
     Part,
     Probe,
     Reader,
+    SnapshotPassMetric,
     check,
-    even_ranges,
     snapshot_part,
 )
 from ntrace.analyze.options import AnalysisOptions
@@ -59,11 +58,8 @@ def changed_unit_fraction_dense(A: np.ndarray) -> np.ndarray:
     return np.logical_or.accumulate(differs, axis=0).mean(axis=1)
 
 
-class ChangedUnits(Metric):
+class ChangedUnits(SnapshotPassMetric):
     name = "changed"
-
-    def parts(self, probe: Probe, opts: AnalysisOptions, tasks: int) -> list[Part]:
-        return even_ranges([1.0] * probe.snapshots, max(1, tasks // 2))
 
     def compute(self, configs: Configs, probe: Probe, part: Part, opts: AnalysisOptions
                 ) -> np.ndarray:

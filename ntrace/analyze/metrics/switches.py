@@ -9,12 +9,11 @@ import xarray as xr
 
 from ntrace.analyze.metrics.base import (
     Configs,
-    Metric,
     Part,
     Probe,
     Reader,
+    SnapshotPassMetric,
     check,
-    even_ranges,
     popcount,
     snapshot_part,
     to_words,
@@ -64,12 +63,8 @@ def switch_fraction_dense(A: np.ndarray) -> np.ndarray:
     return (A[1:] != A[:-1]).sum(axis=(0, 2)) / float((K - 1) * M)
 
 
-class SwitchFraction(Metric):
+class SwitchFraction(SnapshotPassMetric):
     name = "switch"
-
-    def parts(self, probe: Probe, opts: AnalysisOptions, tasks: int) -> list[Part]:
-        """Snapshot ranges (a cheap pass: half as many parts as the others)."""
-        return even_ranges([1.0] * probe.snapshots, max(1, tasks // 2))
 
     def compute(self, configs: Configs, probe: Probe, part: Part, opts: AnalysisOptions
                 ) -> np.ndarray:
