@@ -42,7 +42,7 @@ import zarr.storage
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
-from ntrace.errors import UsageError, WriterError
+from ntrace.errors import InvalidTraceError, UsageError, WriterError
 from ntrace.format import layout as L
 from ntrace.format.checkpoint import Checkpoint, other_slot, read_checkpoint, write_checkpoint
 from ntrace.format.lock import OutputLock, holding
@@ -52,6 +52,7 @@ from ntrace.format.metadata import (
     LayerAttrs,
     ModuleAttrs,
     TraceAttrs,
+    parse_layer_name,
 )
 from ntrace.format.rows import LayerRound, ProbeSetup, Snapshot, TaylorRound
 from ntrace.format.store import prepare_output, publish, staging_dir
@@ -153,6 +154,13 @@ class TraceWriter:
             raise UsageError("layer attributes do not match TraceAttrs.layers")
         if tuple(m.name for m in modules or []) != attrs.modules:
             raise UsageError("module attributes do not match TraceAttrs.modules")
+        for name in (*attrs.layers, *attrs.modules):  # what readers accept (spec §3)
+            try:
+                parse_layer_name(name, "name")
+            except InvalidTraceError:
+                raise UsageError(f"module {name!r} cannot name a group of the trace (a name "
+                                 "must be valid Unicode, hold no '/' and not be '.' or '..'); "
+                                 "rename it in the model") from None
         for la in layers:
             t = np.asarray(tracked.get(la.name, []))
             if t.ndim != 1 or t.size == 0 or np.any(np.diff(t) <= 0) or t[0] < 0 \

@@ -222,3 +222,18 @@ def test_back_pressure_blocks_training_instead_of_growing_memory(
         assert rec._writer is not None and rec._writer._queue.qsize() <= 1
     assert open_trace(path).rounds == 25
     assert threading.get_ident() not in inflight  # writes happen off the training thread
+
+
+def test_a_module_name_no_reader_accepts_is_refused_before_anything_is_written(
+        tmp_path: Path) -> None:
+    """torch allows '/' in a module name (add_module); a trace group so named would be a
+    nested group that every reader refuses, so the writer refuses it up front, naming it."""
+    model = nn.Sequential()
+    model.add_module("enc/fc1", nn.Linear(6, 5))
+    model.add_module("act", nn.ReLU())
+    model.add_module("out", nn.Linear(5, 3))
+    out = tmp_path / "slash.zarr"
+    with pytest.raises(UsageError, match="'enc/fc1' cannot name a group of the trace"):
+        with record(model, out, sampling=Sampling(taylor_every=1, samples_per_round=2)) as rec:
+            train(rec, model, 3)
+    assert not out.exists()
