@@ -90,7 +90,7 @@ def record_child(out: str, steps: int, seed: int, progress: str) -> None:
         os.pwrite(fd, n.to_bytes(8, "little", signed=True), 0)
 
     def on_round(p: Any) -> None:
-        report(p.round)
+        report(p.done)
 
     run_task(get_task(TASK), RunOptions(out=out, steps=steps, seed=seed, overwrite=True,
                                         probe_size=PROBE_SIZE), on_round)
