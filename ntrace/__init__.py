@@ -10,8 +10,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "record": "ntrace.record.recorder",
-    "Recorder": "ntrace.record.recorder",
+    "record": "ntrace.recording.recorder",
+    "Recorder": "ntrace.recording.recorder",
     "Sampling": "ntrace.format.metadata",
     "open_trace": "ntrace.format.reader",
     "validate_trace": "ntrace.format.validate",

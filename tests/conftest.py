@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ntrace.format.metadata import Sampling
-from ntrace.record import record
+from ntrace.recording import record
 from ntrace.tasks import get_task
 from ntrace.tasks.datasets import load_digits
 from ntrace.tasks.runner import RunOptions, run_task

@@ -1,5 +1,5 @@
-"""The curated top-level API: ``ntrace.record(...)`` works on every call and whichever of the
-function or the ``ntrace.record`` package was imported first (fresh interpreters)."""
+"""The curated top-level API: ``ntrace.record`` is a plain function, the same object however
+the recording package was imported first, and works on every call (fresh interpreters)."""
 
 from __future__ import annotations
 
@@ -26,12 +26,16 @@ for k in range(2):
         loss.backward()
         opt.step()
     assert ntrace.validate_trace(sys.argv[1] + f"/run{{k}}.zarr").ok
+import types
+from ntrace.recording.recorder import record
+assert isinstance(ntrace.record, types.FunctionType) and ntrace.record is record
 print("ok")
 """
 
 
-@pytest.mark.parametrize("first", ["", "import ntrace.record.recorder",
-                                   "from ntrace.record import record"])
+@pytest.mark.parametrize("first", ["", "import ntrace.recording.recorder",
+                                   "from ntrace.recording import record",
+                                   "import ntrace.recording"])
 def test_record_is_callable_on_every_call(tmp_path: Path, first: str) -> None:
     res = subprocess.run([sys.executable, "-c", SCRIPT.format(first=first), str(tmp_path)],
                          capture_output=True, text=True, timeout=300)

@@ -78,7 +78,7 @@ def test_links_are_the_losses_the_iterative_solvers_need() -> None:
 
 def test_record_and_analyze_use_this_library() -> None:
     from ntrace.analyze import crossentropy, hindsight, taylor, workingset
-    from ntrace.record import recorder
+    from ntrace.recording import recorder
 
     assert recorder.per_sample_loss is per_sample_loss
     assert hindsight.LINKS is LINKS

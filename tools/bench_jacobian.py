@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import torch
 
-from ntrace.record.graph_jacobian import choose_modes, jacobian_forward, jacobians_reverse
-from ntrace.record.jacobian import jacobians_recursive
-from ntrace.record.structure import Watcher, discover
+from ntrace.recording.graph_jacobian import choose_modes, jacobian_forward, jacobians_reverse
+from ntrace.recording.jacobian import jacobians_recursive
+from ntrace.recording.structure import Watcher, discover
 from ntrace.tasks.registry import autoencoder, convnet
 
 MAX_FORWARD_UNITS = 5000

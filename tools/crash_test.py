@@ -192,7 +192,7 @@ class Trial:
 def context() -> Any:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch._dynamo", "zarr", "sklearn.datasets",
-                                "ntrace.record",
+                                "ntrace.recording",
                                 "ntrace.tasks.runner", "ntrace.format.validate", "crash_test"])
     return ctx
 

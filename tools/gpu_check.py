@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ntrace.format.validate import validate_trace  # noqa: E402
-from ntrace.record import Recorder  # noqa: E402
+from ntrace.recording import Recorder  # noqa: E402
 from ntrace.tasks import get_task  # noqa: E402
-from tests.record.test_conformance import check_trace  # noqa: E402
+from tests.recording.test_conformance import check_trace  # noqa: E402
 
 
 def main() -> None:
@@ -96,7 +96,7 @@ def convnet_check(data_dir: str, device: str) -> bool:
     from ntrace.format.metadata import Sampling
     from ntrace.tasks.registry import convnet
     from ntrace.tasks.runner import RunOptions, run_task
-    from tests.record.graph_conformance import check_graph_trace
+    from tests.recording.graph_conformance import check_graph_trace
 
     out = Path(tempfile.mkdtemp()) / "cifar.zarr"
     res = run_task(get_task("cifar10-convnet"), RunOptions(

@@ -3,7 +3,7 @@
     python tools/make_examples.py [--out spec/examples]
 
 ``valid/tiny-mlp.zarr`` (MSE) and ``valid/tiny-mlp-ce.zarr`` (cross-entropy) are recorded with
-``ntrace.record.record`` from a 6→4→3 ReLU MLP trained by SGD for 12 rounds of 4 samples
+``ntrace.recording.record`` from a 6→4→3 ReLU MLP trained by SGD for 12 rounds of 4 samples
 (Taylor data every 3 rounds on 2 samples; a probe set of 5 points every 2 rounds). Every other
 example is a copy of one of them with ONE change, made by editing its JSON documents or by
 rewriting one array through zarr; the table ``EXAMPLES`` below says which. The copies leave out
@@ -43,7 +43,7 @@ def record_tiny(path: Path, loss_id: str) -> None:
 
     import ntrace
     from ntrace.format.metadata import Sampling
-    from ntrace.record import record
+    from ntrace.recording import record
 
     torch.manual_seed(SEED)
     torch.set_num_threads(1)

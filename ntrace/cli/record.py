@@ -153,7 +153,7 @@ def _record_command(command: list[str], out: str, overwrite: bool, taylor_every:
                     probe_size: int | None, probe_every: int | None, max_jacobian_memory: int,
                     unsupported: str, console: Console) -> None:
     from ntrace.format.metadata import Sampling
-    from ntrace.record.wrap import WrapOptions, run_wrapped
+    from ntrace.recording.wrap import WrapOptions, run_wrapped
 
     sampling = _sampling(Sampling(), taylor_every, samples_per_round, neurons)
     opts = WrapOptions(out=out, sampling=sampling,

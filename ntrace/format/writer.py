@@ -93,7 +93,7 @@ def _fill(dtype: str) -> Any:
 
 class Coordinator(Protocol):
     """The processes that write one trace together. ``barrier`` returns once every process
-    has called it; ``ntrace.record.distributed`` implements it over ``torch.distributed``."""
+    has called it; ``ntrace.recording.distributed`` implements it over ``torch.distributed``."""
 
     rank: int
     world_size: int

@@ -15,7 +15,7 @@ import torch
 from ntrace.errors import UsageError
 from ntrace.format.metadata import Sampling
 from ntrace.progress import OnProgress, Progress
-from ntrace.record.recorder import Recorder
+from ntrace.recording.recorder import Recorder
 from ntrace.tasks.position import data_position
 from ntrace.tasks.registry import Task
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ntrace.format.metadata import Sampling
-from ntrace.record import record
+from ntrace.recording import record
 
 
 def record_run(model: nn.Module, path: Path, loss: str, X: torch.Tensor, Y: torch.Tensor,

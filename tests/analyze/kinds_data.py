@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ntrace.format.metadata import Sampling
-from ntrace.record import record
+from ntrace.recording import record
 
 LOSSES = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy, "nll": F.nll_loss,
           "bce_with_logits": F.binary_cross_entropy_with_logits}

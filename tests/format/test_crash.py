@@ -34,7 +34,7 @@ from ntrace.format.reader import open_trace
 from ntrace.format.store import prepare_output
 from ntrace.format.summary import summarize
 from ntrace.format.validate import validate_trace
-from ntrace.record import record
+from ntrace.recording import record
 
 REPO = Path(__file__).resolve().parents[2]
 ROUNDS, BATCH = 9, 4

@@ -29,7 +29,7 @@ RECORDER = textwrap.dedent("""
     import sys, torch
     from torch import nn
     from ntrace.format.metadata import Sampling
-    from ntrace.record import record
+    from ntrace.recording import record
     from ntrace.tasks.datasets import load_digits
 
     torch.manual_seed(0)

@@ -106,7 +106,7 @@ def test_graph_trace_documents_match_the_schemas(tmp_path: Path) -> None:
     import torch
     from torch import nn
 
-    from ntrace.record import record
+    from ntrace.recording import record
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),

@@ -72,7 +72,7 @@ def test_ops_import_neither_record_nor_analyze() -> None:
         tree = ast.parse(path.read_text())
         mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert not {m for m in mods if m.startswith(("ntrace.record", "ntrace.analyze",
+        assert not {m for m in mods if m.startswith(("ntrace.recording", "ntrace.analyze",
                                                      "ntrace.cli"))}, path.name
 
 

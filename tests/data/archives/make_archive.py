@@ -22,7 +22,7 @@ from torch import nn
 
 import ntrace
 from ntrace.format.metadata import FORMAT_VERSION, Sampling
-from ntrace.record import record
+from ntrace.recording import record
 
 ROUNDS, BATCH = 8, 4
 

@@ -14,7 +14,7 @@ layer inputs and pre-activations; the Jacobians follow by the backward recursion
 Under ``torch.distributed`` (DDP, ``torchrun``) every process constructs a recorder with the
 same arguments and calls ``step`` on its own minibatch; ``samples_per_round`` counts each
 process's samples, so the trace holds ``world_size × samples_per_round`` per Taylor round
-(:mod:`ntrace.record.distributed`).
+(:mod:`ntrace.recording.distributed`).
 """
 
 from __future__ import annotations
@@ -56,11 +56,11 @@ from ntrace.format.metadata import (
 from ntrace.format.store import prepare_output
 from ntrace.format.writer import ProbeSetup, TaylorRound, TraceWriter
 from ntrace.losses import per_sample_loss
-from ntrace.record.async_writer import AsyncWriter, PendingCheckpoint, PendingRound
-from ntrace.record.distributed import current_group, unwrap
-from ntrace.record.extract import Extractor
-from ntrace.record.state import capture, restore
-from ntrace.record.structure import POLICIES, Structure, Watcher, discover
+from ntrace.recording.async_writer import AsyncWriter, PendingCheckpoint, PendingRound
+from ntrace.recording.distributed import current_group, unwrap
+from ntrace.recording.extract import Extractor
+from ntrace.recording.state import capture, restore
+from ntrace.recording.structure import POLICIES, Structure, Watcher, discover
 
 LOSS_CHECK_RTOL = 1e-4
 MAX_BATCHED_ROUNDS = 64  # loss-only rounds handed to the writer thread together

@@ -53,8 +53,8 @@ from ntrace.errors import (
     UsageError,
 )
 from ntrace.format.metadata import Sampling
-from ntrace.record.distributed import unwrap as _unwrap
-from ntrace.record.recorder import Recorder
+from ntrace.recording.distributed import unwrap as _unwrap
+from ntrace.recording.recorder import Recorder
 
 LOSS_FUNCTIONS = {"mse_loss": "mse", "cross_entropy": "cross_entropy",
                   "binary_cross_entropy_with_logits": "bce_with_logits", "nll_loss": "nll"}

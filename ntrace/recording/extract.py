@@ -16,9 +16,9 @@ from torch import nn
 from ntrace import ops
 from ntrace.format.rows import LayerRound
 from ntrace.ops.dropout import dropout_off
-from ntrace.record.graph_jacobian import choose_modes, jacobian_forward, jacobians_reverse
-from ntrace.record.jacobian import jacobians_recursive
-from ntrace.record.structure import CallLog, Structure, Watcher
+from ntrace.recording.graph_jacobian import choose_modes, jacobian_forward, jacobians_reverse
+from ntrace.recording.jacobian import jacobians_recursive
+from ntrace.recording.structure import CallLog, Structure, Watcher
 
 
 def _slice(value: Any, b: int, s: int) -> Any:

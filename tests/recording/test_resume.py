@@ -23,7 +23,7 @@ from ntrace.format.metadata import Sampling
 from ntrace.format.reader import open_trace
 from ntrace.format.validate import validate_trace
 from ntrace.progress import Progress
-from ntrace.record import Recorder
+from ntrace.recording import Recorder
 from ntrace.tasks import get_task
 from ntrace.tasks.runner import RunOptions, run_task
 

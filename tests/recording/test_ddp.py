@@ -26,7 +26,7 @@ from torch import nn
 from ntrace.errors import TraceExistsError, UsageError
 from ntrace.format.metadata import Sampling
 from ntrace.format.validate import validate_trace
-from ntrace.record import record
+from ntrace.recording import record
 
 from .test_conformance import check_trace, loss_np, unpack
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from ntrace.format.metadata import Activation
-from ntrace.record.jacobian import jacobians_autograd, jacobians_recursive
-from ntrace.record.structure import Watcher, discover
+from ntrace.recording.jacobian import jacobians_autograd, jacobians_recursive
+from ntrace.recording.structure import Watcher, discover
 
 
 def chain(final: nn.Module | None) -> nn.Sequential:

@@ -26,7 +26,7 @@ import torch
 from ntrace.errors import NonFiniteLossError, WriterError
 from ntrace.format.bits import pack
 from ntrace.format.writer import Snapshot, TaylorRound, TraceWriter
-from ntrace.record.distributed import ProcessGroup
+from ntrace.recording.distributed import ProcessGroup
 
 
 @dataclass

@@ -21,7 +21,7 @@ from ntrace.errors import (
 from ntrace.format.metadata import Sampling
 from ntrace.format.reader import open_trace
 from ntrace.format.validate import validate_trace
-from ntrace.record.wrap import WrapOptions, parse_command, run_wrapped
+from ntrace.recording.wrap import WrapOptions, parse_command, run_wrapped
 
 from .graph_conformance import check_graph_trace
 from .test_conformance import check_trace

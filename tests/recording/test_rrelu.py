@@ -15,7 +15,7 @@ from ntrace.errors import UnsupportedModelError
 from ntrace.format.metadata import Activation, Sampling
 from ntrace.format.reader import open_trace
 from ntrace.format.validate import validate_trace
-from ntrace.record import record
+from ntrace.recording import record
 
 from .graph_conformance import check_graph_trace
 from .test_conformance import check_trace
@@ -50,7 +50,7 @@ class RReLUNet(nn.Module):
 def test_rrelu_in_eval_mode_records_a_leaky_relu_chain(tmp_path: Path) -> None:
     """A chain (fast Jacobian recursion) whose stored factors conform: the rebuilt network with
     leaky_relu(0.2) reproduces the recorded outputs, and the Taylor gradient from the stored
-    factors equals autograd's (tests/record/test_conformance.py)."""
+    factors equals autograd's (tests/recording/test_conformance.py)."""
     path = tmp_path / "rrelu.zarr"
     record_graph(path, rrelu_chain(), probe_every=2)
     tr = open_trace(path)

@@ -19,8 +19,8 @@ from ntrace.format.metadata import Sampling
 from ntrace.format.reader import open_trace
 from ntrace.format.validate import validate_trace
 from ntrace.ops.maxpool import winners
-from ntrace.record import record
-from ntrace.record.graph_jacobian import jacobian_forward, jacobians_reverse
+from ntrace.recording import record
+from ntrace.recording.graph_jacobian import jacobian_forward, jacobians_reverse
 
 from .graph_conformance import check_graph_trace
 
@@ -180,7 +180,7 @@ def record_graph(path: Path, model: nn.Module, rounds: int = 8,
 
 def test_graph_trace_conformance(tmp_path: Path) -> None:
     """Stored weights reproduce the stored output from the data set's inputs; the Taylor
-    gradient from the stored factors equals autograd's (tests/record/graph_conformance.py)."""
+    gradient from the stored factors equals autograd's (tests/recording/graph_conformance.py)."""
     torch.manual_seed(1)
     model = Residual()
     path = tmp_path / "res.zarr"

@@ -26,7 +26,7 @@ from ntrace.format.metadata import Sampling
 from ntrace.format.reader import open_trace
 from ntrace.format.validate import validate_trace
 from ntrace.format.writer import TraceWriter
-from ntrace.record import Recorder, record
+from ntrace.recording import Recorder, record
 
 
 def train(rec: Recorder, model: nn.Module, rounds: int, lr: float = 0.01,
