@@ -130,23 +130,30 @@ def record_rows(task: str, label: str, tmp: Path, data_dir: str | None, steps: i
 
 @contextlib.contextmanager
 def counted_reads() -> Iterator[list[int]]:
-    """Bytes returned by every LocalStore read while the context is open."""
+    """Bytes returned by every read of a trace directory while the context is open: ntrace
+    reads through its own store (TraceDirStore), plain xarray through zarr's LocalStore."""
     import zarr.storage
 
+    from ntrace.format.files import TraceDirStore
+
     sizes: list[int] = []
-    original = zarr.storage.LocalStore.get
+    originals = {cls: cls.__dict__["get"] for cls in (zarr.storage.LocalStore, TraceDirStore)}
 
-    async def counting(self: Any, key: str, *args: Any, **kwargs: Any) -> Any:
-        buf = await original(self, key, *args, **kwargs)
-        if buf is not None:
-            sizes.append(len(buf.to_bytes()))
-        return buf
+    def counted(original: Any) -> Any:
+        async def counting(self: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+            buf = await original(self, key, *args, **kwargs)
+            if buf is not None:
+                sizes.append(len(buf.to_bytes()))
+            return buf
+        return counting
 
-    zarr.storage.LocalStore.get = counting  # type: ignore[method-assign]
+    for cls, original in originals.items():
+        cls.get = counted(original)  # type: ignore[method-assign]
     try:
         yield sizes
     finally:
-        zarr.storage.LocalStore.get = original  # type: ignore[method-assign]
+        for cls, original in originals.items():
+            cls.get = original  # type: ignore[method-assign]
 
 
 def open_rows(path: Path) -> list[Row]:
