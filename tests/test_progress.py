@@ -13,15 +13,16 @@ from ntrace.cli.progress import Bars
 from ntrace.format.pack import pack_trace, verify_pack
 from ntrace.format.validate import validate_trace
 from ntrace.progress import Progress
-from tests.format.test_validate import example
+
+TINY = Path(__file__).resolve().parents[1] / "spec" / "examples" / "valid" / "tiny-mlp.zarr"
 
 
 def test_format_and_analysis_report_progress_events(tmp_path: Path) -> None:
     seen: list[Progress] = []
-    validate_trace(example("tiny-mlp"), progress=seen.append)
-    pack_trace(example("tiny-mlp"), tmp_path / "t.zip", progress=seen.append)
+    validate_trace(TINY, progress=seen.append)
+    pack_trace(TINY, tmp_path / "t.zip", progress=seen.append)
     verify_pack(tmp_path / "t.zip", progress=seen.append)
-    analyze_trace(example("tiny-mlp"), AnalysisOptions(checkpoints=2, progress=seen.append))
+    analyze_trace(TINY, AnalysisOptions(checkpoints=2, progress=seen.append))
     assert all(isinstance(p, Progress) for p in seen)
     stages = {p.stage for p in seen}
     assert {"validating", "packing", "verifying"} <= stages and len(stages) > 3
