@@ -175,16 +175,24 @@ def _entries(root: Path, prefix: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
                 continue
             if not stat.S_ISDIR(mode):
                 raise refused(rel, mode)
-        try:
-            with os.scandir(where) as it:
-                found = sorted(it, key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError):
+        found = _listing(where)
+        if found is None:
             continue
         for entry in found:
             key = f"{rel}/{entry.name}" if rel else entry.name
             yield key, entry
             if entry.is_dir(follow_symlinks=False):
                 stack.append(key)
+
+
+def _listing(path: Path) -> list[os.DirEntry[str]] | None:
+    """The entries of directory ``path`` sorted by name; None when it is gone or no
+    directory (a live trace's files come and go)."""
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _mode(entry: os.DirEntry[str]) -> int | None:
@@ -292,11 +300,8 @@ class TraceDirStore(LocalStore):
             yield key
 
     async def list_dir(self, prefix: str) -> AsyncIterator[str]:
-        base = self.root / prefix
-        try:
-            with os.scandir(base) as it:
-                found = sorted(it, key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError):
+        found = _listing(self.root / prefix)
+        if found is None:
             return
         for entry in found:
             mode = _mode(entry)

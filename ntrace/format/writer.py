@@ -515,13 +515,12 @@ class TraceWriter:
             dim = self._layouts[path].append_dim
             assert dim is not None
             written[dim] = min(written[dim], n)
-        c = self._attrs.commit
         if written == self._counts:
             return Commit(*(self._counts[d] for d in DIMS))
         for mark in reversed(self._marks):
             if all(m <= written[d] for m, d in zip(mark, DIMS, strict=True)):
                 return Commit(*mark)
-        return c
+        return self._attrs.commit
 
     def commit(self) -> None:
         """Write every staged row, then make them visible to readers (one atomic write).
