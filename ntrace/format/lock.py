@@ -24,6 +24,7 @@ import json
 import os
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 MAX_HOLDER_BYTES = 4096
+HOLDER_WAIT_S = 2.0  # how long a refusal waits for a new holder to write its name
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -149,17 +151,19 @@ def _write_holder(fd: int) -> None:
         pass
 
 
-def _read_holder(fd: int) -> str:
-    """Who holds the lock, in words, from what the holder wrote in the file."""
-    try:
-        info: Any = json.loads(os.pread(fd, MAX_HOLDER_BYTES, 0) or b"{}")
-    except (OSError, ValueError):
-        info = {}
-    if not isinstance(info, dict):
-        info = {}
-    pid, host, started = info.get("pid"), info.get("host"), info.get("started")
-    if not isinstance(pid, int) or not isinstance(host, str):
-        return "process unknown: it has not written its name into the lock file yet"
+def _read_holder(fd: int, wait: float = HOLDER_WAIT_S) -> str:
+    """Who holds the lock, in words, from what the holder wrote in the file. A holder writes
+    its name just after it takes the lock, so a refusal racing that write waits up to
+    ``wait`` seconds for the name to appear."""
+    deadline = time.monotonic() + wait
+    while True:
+        info = _holder_info(fd)
+        pid, host, started = info.get("pid"), info.get("host"), info.get("started")
+        if isinstance(pid, int) and isinstance(host, str):
+            break
+        if time.monotonic() >= deadline:
+            return "process unknown: it has not written its name into the lock file yet"
+        time.sleep(0.01)
     words = f"process {pid} on host {host!r}"
     if isinstance(started, str) and len(started) <= 40 and started.isprintable():
         words += f", since {started}"
@@ -167,6 +171,14 @@ def _read_holder(fd: int) -> str:
         words += (f"; process {pid} has ended, so a process it started (which inherited the "
                   "lock) still runs")
     return words
+
+
+def _holder_info(fd: int) -> dict[str, Any]:
+    try:
+        info: Any = json.loads(os.pread(fd, MAX_HOLDER_BYTES, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def _alive(pid: int) -> bool:

@@ -196,3 +196,30 @@ def test_a_lock_kept_by_a_child_of_a_dead_writer_says_so(tmp_path: Path) -> None
     finally:
         os.close(fd)
     make_writer(path).close()  # released with its last descriptor
+
+
+def test_a_refusal_racing_the_holders_name_waits_for_it(tmp_path: Path) -> None:
+    """CI caught a refusal that came between the holder's flock and the write of its name
+    ("process unknown"); the refusal now waits briefly for the name. The holder here locks,
+    says so, and writes its name only 0.3 s later."""
+    path = tmp_path / "t.zarr"
+    holder = r"""
+import fcntl, os, sys, time
+from ntrace.format import lock
+fd = os.open(lock.lock_file(sys.argv[1]), os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(0.3)
+lock._write_holder(fd)
+sys.stdin.readline()
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-c", holder, str(path)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "locked\n"
+        with pytest.raises(TraceExistsError) as info:
+            OutputLock.acquire(path)
+        assert f"process {child.pid} on host {socket.gethostname()!r}" in str(info.value)
+    finally:
+        child.communicate("go\n", timeout=60)
