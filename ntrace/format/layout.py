@@ -75,9 +75,9 @@ def layer_arrays(attrs: TraceAttrs, layer: LayerAttrs, tracked: int) -> list[Arr
     geo = layer.shape
     n = geo.output_shape[0]
     k = len(geo.positions)
-    if layer.kind == "linear":
+    if layer.kind == "linear":  # 1.3: on (*positions, in_feature) inputs
         w_dims: tuple[str, ...] = ("neuron", "in_feature")
-        x_dims: tuple[str, ...] = ("in_feature",)
+        x_dims: tuple[str, ...] = (*_axes("x", k), "in_feature")
     elif layer.kind == "conv":
         w_dims = ("neuron", "group_channel", *_axes("k", k))
         x_dims = ("in_channel", *_axes("x", k))

@@ -15,9 +15,9 @@ from typing import Any
 
 from ntrace.errors import InvalidTraceError, UnsupportedVersionError
 
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 2
+FORMAT_MINOR = 3
 ATTR_KEY = "ntrace"
 
 LOSS_IDS = ("mse", "cross_entropy", "bce_with_logits", "nll")
@@ -383,7 +383,9 @@ class Geometry:
     """Shapes (per sample) and convolution parameters of a layer (format 1.1).
 
     ``output_shape`` is ``[neurons, *positions]``: neurons are output features or channels, and
-    positions the spatial (conv) or sequence (embedding) axes over which weights are shared.
+    positions the spatial (conv) or sequence (embedding, linear 1.3) axes over which weights
+    are shared. ``padding_idx`` (1.3, embedding only): the vocabulary entry whose row is fixed,
+    not a parameter of the Taylor model.
     """
 
     input_shape: tuple[int, ...]
@@ -394,6 +396,7 @@ class Geometry:
     dilation: tuple[int, ...] = ()
     output_padding: tuple[int, ...] = ()
     groups: int = 1
+    padding_idx: int | None = None
 
     @property
     def positions(self) -> tuple[int, ...]:
@@ -412,6 +415,8 @@ class Geometry:
             out.update(stride=list(self.stride), padding=list(self.padding),
                        dilation=list(self.dilation), output_padding=list(self.output_padding),
                        groups=self.groups)
+        if self.padding_idx is not None:
+            out["padding_idx"] = self.padding_idx
         return out
 
     @classmethod
@@ -430,7 +435,8 @@ class Geometry:
                 stride=shape("stride", 1, conv), padding=shape("padding", 0, conv),
                 dilation=shape("dilation", 1, conv),
                 output_padding=shape("output_padding", 0, conv),
-                groups=parse_int(d.get("groups", 1), f"{where}.groups", 1))
+                groups=parse_int(d.get("groups", 1), f"{where}.groups", 1),
+                padding_idx=parse_opt_int(d.get("padding_idx"), f"{where}.padding_idx", 0))
         if not g.output_shape:
             raise _fail(f"{where}.output_shape", "must hold at least the number of neurons")
         if conv:
@@ -454,6 +460,7 @@ class LayerAttrs:
     activation: Activation
     jacobian: str
     geometry: Geometry | None = None  # 1.1; None means linear (in_features,) → (out_features,)
+    # (1.3: a linear layer on (batch, *positions, features) stores it)
     format_version: str = FORMAT_VERSION
 
     @property
@@ -511,6 +518,17 @@ def _parse_geometry(d: Mapping[str, Any], where: str) -> Geometry | None:
     if (kind in ("conv", "conv_transpose")) != bool(g.stride):
         raise _fail(f"{where}.geometry", f"stride/padding/dilation are required exactly for "
                                          f"convolutions, layer kind is {kind!r}")
+    if g.padding_idx is not None and (kind != "embedding" or g.padding_idx >= g.weight_shape[0]):
+        raise _fail(f"{where}.geometry.padding_idx",
+                    f"must be a vocabulary entry of an embedding (layer kind {kind!r}, weight "
+                    f"shape {list(g.weight_shape)}), found {g.padding_idx}")
+    if kind == "linear":
+        n, *q = g.output_shape
+        if len(g.weight_shape) != 2 or g.weight_shape[0] != n or \
+                tuple(g.input_shape) != (*q, g.weight_shape[1]):
+            raise _fail(f"{where}.geometry", "a linear layer's geometry is input_shape "
+                        "[*positions, in_features], output_shape [neurons, *positions], "
+                        f"weight_shape [neurons, in_features]; found {g.to_dict()}")
     return g
 
 

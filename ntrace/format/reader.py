@@ -323,8 +323,9 @@ def check_nodes(root: Any, attrs: TraceAttrs, layers: Mapping[str, LayerAttrs],
         r.append("modules: group is missing but the root lists modules")
     chain = [layers[n] for n in attrs.layers if n in layers]
     for la in chain:
-        if la.kind != "linear" and attrs.structure == "chain":
-            r.append(f"layers/{la.name}: a {la.kind} layer needs structure 'graph'")
+        if (la.kind != "linear" or la.shape.positions) and attrs.structure == "chain":
+            what = "linear layer with positions" if la.kind == "linear" else f"{la.kind} layer"
+            r.append(f"layers/{la.name}: a {what} needs structure 'graph'")
         if la.activation.kind == "prelu" and la.activation.num_parameters not in (
                 1, la.shape.output_shape[0]):
             r.append(f"layers/{la.name}: prelu num_parameters must be 1 or the neuron count")

@@ -311,6 +311,8 @@ def _check_layer_row(tr: Trace, read: _Reader, t: int, names: list[str], i: int,
     chain = tr.attrs.structure == "chain"
     b = arrays.get("bias", np.zeros(la.out_features, np.float32))
     pre = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    if pre.ndim > 2:  # (1.3) positions: output units neurons first
+        pre = np.moveaxis(pre, -1, 1).reshape(len(pre), -1)
     if chain and i > 0 and tr.layers[names[i - 1]].kind == "linear" and not np.allclose(
             x, _activation(tr, read, t, names[i - 1]), rtol=1e-4, atol=1e-5):
         r.append(f"{g}/input: Taylor round {t} is not the activation of the previous "

@@ -1,6 +1,7 @@
-"""Small models and traces of every format-1.1 layer kind for ``test_layer_kinds``: recorded
-with ``ntrace.record``, or written with the format writer where the recorder cannot (an
-embedding) or would not (a conv layer whose output is the network output) produce them."""
+"""Small models and traces of every layer kind (format 1.1, and 1.3's layers on extra axes)
+for ``test_layer_kinds``: recorded with ``ntrace.record``, or written with the format writer
+where the recorder cannot (an embedding) or would not (a conv layer whose output is the network
+output) produce them."""
 
 from __future__ import annotations
 
@@ -73,6 +74,28 @@ def embedding() -> nn.Sequential:
     return nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.ReLU(), nn.Linear(15, 2))
 
 
+def sequence() -> nn.Sequential:
+    """Format 1.3's layers on extra axes: a padded Embedding → Linear on (batch, 6, 4) →
+    ReLU (states at every position) → Flatten → Linear."""
+    return nn.Sequential(nn.Embedding(9, 4, padding_idx=1), nn.Linear(4, 5), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(30, 2))
+
+
+def positions_only(frozen: bool = True) -> nn.Sequential:
+    """Linear(3, 2) on (batch, 4, 3) → Flatten → Linear(8, 2) (frozen: the output is linear in
+    the first layer's weights, whose Taylor loss is then the loss itself)."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.Flatten(), nn.Linear(8, 2))
+    model[2].requires_grad_(not frozen)
+    return model
+
+
+def padded_only(frozen: bool = True) -> nn.Sequential:
+    """Embedding(6, 2, padding_idx=0) on 4 indices → Flatten → Linear(8, 2), frozen likewise."""
+    model = nn.Sequential(nn.Embedding(6, 2, padding_idx=0), nn.Flatten(), nn.Linear(8, 2))
+    model[2].requires_grad_(not frozen)
+    return model
+
+
 def nll_model() -> nn.Sequential:
     return nn.Sequential(nn.Conv1d(1, 3, 2), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3),
                          nn.LogSoftmax(dim=1))
@@ -89,7 +112,8 @@ def rrelu_model() -> nn.Sequential:
 
 
 MODELS = {"convs_1d": convs_1d, "convs_2d": convs_2d, "convs_3d": convs_3d,
-          "embedding": embedding, "nll": nll_model, "conv_out": conv_out, "rrelu": rrelu_model}
+          "embedding": embedding, "nll": nll_model, "conv_out": conv_out, "rrelu": rrelu_model,
+          "sequence": sequence}
 
 
 def conv_output_trace(path: Path, rounds: int = 8, S: int = 6) -> Path:
@@ -190,6 +214,8 @@ def tracked_mask(layer, shape: tuple[int, ...], tracked: np.ndarray) -> np.ndarr
     m = np.zeros(shape, dtype=bool)
     if layer.kind == "embedding":
         m[:, tracked] = True
+        if layer.geometry.padding_idx is not None:  # the padding row is no parameter
+            m[layer.geometry.padding_idx] = False
     elif layer.kind == "conv_transpose":
         g = layer.geometry.groups
         cin, ng = shape[0] // g, shape[1]

@@ -43,8 +43,11 @@ from .kinds_data import (
     convs_3d,
     embedding_trace,
     nll_model,
+    padded_only,
+    positions_only,
     record_trace,
     rrelu_model,
+    sequence,
     tracked_mask,
 )
 
@@ -87,6 +90,10 @@ def traces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["nll"] = record_trace(nll_model(), d / "n.zarr", "nll", Xn,
                               (Xn[:, 0, :2].sum(1) > 0).long() + (Xn[:, 0, 4] > 1).long(),
                               lr=0.2)
+    Xs = torch.randint(0, 9, (48, 6))
+    Xs[Xs > 6] = 1  # padding (index 1) at a third of the positions
+    out["sequence"] = record_trace(sequence(), d / "s.zarr", "cross_entropy", Xs,
+                                   ((Xs == 3).sum(1) > (Xs == 4).sum(1)).long(), lr=0.2)
     Xr = torch.randn(48, 2, 5)
     out["rrelu"] = record_trace(rrelu_model(), d / "r.zarr", "mse", Xr,
                                 torch.stack([Xr[:, 0].mean(1), Xr[:, 1, 2] - Xr[:, 0, 4]], 1))
@@ -118,6 +125,28 @@ def _unfold_design(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return G, w
 
 
+def _least_squares_optima(ds, tr, G: np.ndarray, w: np.ndarray, tol: float) -> None:
+    """Layer- and neuron-scale optima of an MSE trace whose output is affine in one layer,
+    ``T_s = f_s + G_s (u − w)`` with G (T, S, o, j, i), against ``np.linalg.lstsq``."""
+    n, d = G.shape[3:]
+    # least-squares targets: |T_s − y_s|²/p = |G_s u − r_s|²/p
+    r = (tr.read("taylor/target").astype(np.float64) - tr.read("taylor/output")
+         + np.einsum("tsoji,tji->tso", G, w))
+    for k, N in enumerate(ds.checkpoint.values):
+        A = G[:N].reshape(-1, n * d)  # rows (t, s, o), columns (neuron, row entry)
+        b = r[:N].reshape(-1)
+        u = np.linalg.lstsq(A, b, rcond=None)[0]
+        ref = float(np.mean((A @ u - b) ** 2))
+        _certified(float(ds.layer_optimum[k, 0]), float(ds.layer_gap[k, 0]), ref, tol)
+        for j in range(n):
+            Aj = G[:N, :, :, j].reshape(-1, d)
+            rj = (r[:N] - np.einsum("tsoji,tji->tso", G[:N], w[:N])
+                  + np.einsum("tsoi,ti->tso", G[:N, :, :, j], w[:N, j])).reshape(-1)
+            v = np.linalg.lstsq(Aj, rj, rcond=None)[0]
+            _certified(float(ds.neuron_optimum[k, j]), float(ds.neuron_gap[k, j]),
+                       float(np.mean((Aj @ v - rj) ** 2)), tol)
+
+
 def test_conv_layer_mse_optimum_equals_least_squares_on_unfolded_inputs(conv_mse) -> None:
     tol = 1e-10
     ds = analyze_trace(conv_mse, AnalysisOptions(domain="none", tol=tol, checkpoints=4,
@@ -125,22 +154,7 @@ def test_conv_layer_mse_optimum_equals_least_squares_on_unfolded_inputs(conv_mse
     assert ds.attrs["ntrace"]["layer_scale_layers"] == ["0"]
     G, w = _unfold_design(conv_mse)
     tr = open_trace(conv_mse)
-    # least-squares targets: |T_s − y_s|²/p = |G_s u − r_s|²/p
-    r = (tr.read("taylor/target").astype(np.float64) - tr.read("taylor/output")
-         + np.einsum("tsoji,tji->tso", G, w))
-    for k, N in enumerate(ds.checkpoint.values):
-        A = G[:N].reshape(-1, 3 * 19)  # rows (t, s, o), columns (neuron, row entry)
-        b = r[:N].reshape(-1)
-        u = np.linalg.lstsq(A, b, rcond=None)[0]
-        ref = float(np.mean((A @ u - b) ** 2))
-        _certified(float(ds.layer_optimum[k, 0]), float(ds.layer_gap[k, 0]), ref, tol)
-        for j in range(3):
-            Aj = G[:N, :, :, j].reshape(-1, 19)
-            rj = (r[:N] - np.einsum("tsoji,tji->tso", G[:N], w[:N])
-                  + np.einsum("tsoi,ti->tso", G[:N, :, :, j], w[:N, j])).reshape(-1)
-            v = np.linalg.lstsq(Aj, rj, rcond=None)[0]
-            _certified(float(ds.neuron_optimum[k, j]), float(ds.neuron_gap[k, j]),
-                       float(np.mean((Aj @ v - rj) ** 2)), tol)
+    _least_squares_optima(ds, tr, G, w, tol)
     # the optimum point, put into the model itself, has the reported loss
     model = conv_only().double()
     j = 1
@@ -159,6 +173,49 @@ def test_conv_layer_mse_optimum_equals_least_squares_on_unfolded_inputs(conv_mse
         losses.append(float(F.mse_loss(out, y)))
     # (the recorded outputs differ from a float64 forward by float32 rounding)
     assert float(ds.neuron_optimum[-1, j]) == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["positions", "padding"])
+def test_layers_on_extra_axes_optima_equal_least_squares(tmp_path: Path, kind: str) -> None:
+    """A Linear on (batch, 4, 3) and a padded Embedding(6, 2, padding_idx=0) over 4 indices,
+    each → Flatten → frozen Linear(8, 2) (MSE, Taylor loss = loss): optima at layer and neuron
+    scale against least squares on a design built here from the recorded inputs and the
+    head's weights, summed over positions by hand; the padding entry is no column (padding
+    fills a third of the inputs, so a design that kept it would reach a lower optimum)."""
+    torch.manual_seed(16)
+    if kind == "positions":
+        X = torch.randn(64, 4, 3)
+        Y = torch.stack([X[:, 0, 0] - X[:, 3, 2], X[:, 1].sum(1)], 1) + 0.3 * torch.randn(64, 2)
+        model = positions_only()
+    else:
+        X = torch.randint(0, 6, (64, 4))
+        X[X > 3] = 0  # the padding index
+        Y = torch.stack([(X == 1).float().sum(1), (X[:, :2] == 2).float().sum(1) - 1], 1)
+        Y = Y + 0.3 * torch.randn(64, 2)
+        model = padded_only()
+    path = record_trace(model, tmp_path / f"{kind}.zarr", "mse", X, Y, rounds=8, samples=6,
+                        lr=0.1)
+    tr = open_trace(path)
+    tol = 1e-10
+    ds = analyze_trace(path, AnalysisOptions(domain="none", tol=tol, checkpoints=3,
+                                             layers=("0",), exploration=False))
+    assert ds.attrs["ntrace"]["layer_scale_layers"] == ["0"]
+    L = tr.read("layers/2/weight").astype(np.float64).reshape(-1, 2, 4, 2)  # (T, o, q, j)
+    W = tr.read("layers/0/weight").astype(np.float64)
+    x = tr.read("layers/0/input")
+    if kind == "positions":
+        assert tr.layers["0"].geometry.input_shape == (4, 3)
+        G = np.einsum("toqj,tsqi->tsoji", L, x.astype(np.float64))
+        G = np.concatenate([G, L.sum(2)[:, None, :, :, None].repeat(x.shape[1], 1)], -1)
+        w = np.concatenate([W, tr.read("layers/0/bias").astype(np.float64)[..., None]], -1)
+    else:
+        assert tr.layers["0"].geometry.padding_idx == 0
+        assert (W[:, 0] == 0).all()  # the padding row never moves
+        onehot = (x[..., None] == np.arange(1, 6)).astype(np.float64)  # (T, S, q, 5), no pad
+        G = np.einsum("toqj,tsqv->tsojv", L, onehot)
+        w = W[:, 1:].transpose(0, 2, 1)  # (T, j, 5): each neuron's column without the pad
+    _least_squares_optima(ds, tr, G, w, tol)
+    assert ds.neuron_optimum_point.shape[-1] == G.shape[-1]
 
 
 @pytest.mark.parametrize("loss", ["bce_with_logits", "cross_entropy"])
@@ -479,7 +536,7 @@ def test_an_rrelu_in_eval_mode_is_recorded_as_leaky_relu_and_analysed(
 
 # -- (d) bce_with_logits and nll ---------------------------------------------------------
 def test_bce_and_conv_traces_analyse_on_every_domain(traces: dict[str, Path]) -> None:
-    for name in ("embedding", "convs_1d", "convs_2d"):
+    for name in ("embedding", "convs_1d", "convs_2d", "sequence"):
         for domain in ("ball", "box"):
             ds = analyze_trace(traces[name], AnalysisOptions(domain=domain, checkpoints=3,
                                                              exploration=False, dynamic=True))

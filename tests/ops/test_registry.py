@@ -37,6 +37,14 @@ LAYER_CALLS = {
                                  torch.randn(3, 2, 2, 2, 2)),
     nn.Embedding: lambda: (nn.Embedding(7, 4), torch.randint(0, 7, (3, 5))),
 }
+# layers on extra axes (format 1.3): Linear on (batch, *positions, features), and a padded
+# embedding whose inputs hold the padding index
+AXES_CALLS = {
+    "Linear-positions": lambda: (nn.Linear(5, 4), torch.randn(3, 2, 3, 5)),
+    "Embedding-padding": lambda: (nn.Embedding(7, 4, padding_idx=2),
+                                  torch.tensor([[2, 0, 2, 6, 1], [3, 2, 2, 5, 4],
+                                                [6, 6, 2, 0, 1]])),
+}
 
 
 def _ops(role: str) -> list[type[ops.Op]]:
@@ -119,12 +127,14 @@ def test_every_layer_module_is_exercised_here() -> None:
     assert set(LAYER_CALLS) == {m for op in _ops(ops.LAYER) for m in op.modules}
 
 
-@pytest.mark.parametrize("module_type", list(LAYER_CALLS), ids=lambda t: t.__name__)
-def test_layer_map_rows_and_design_against_the_module(module_type: type[nn.Module]) -> None:
+@pytest.mark.parametrize("call", [*LAYER_CALLS.values(), *AXES_CALLS.values()],
+                         ids=[*(t.__name__ for t in LAYER_CALLS), *AXES_CALLS])
+def test_layer_map_rows_and_design_against_the_module(call) -> None:
     """``affine`` reproduces the module's output (neurons first), ``rows``/``unrows`` are
-    inverse, and the design is autograd's gradient of ⟨J, op(x, V)⟩ in each neuron's row."""
+    inverse, and the design is autograd's gradient of ⟨J, op(x, V)⟩ in each neuron's row
+    (a padded embedding's padding row gets no gradient and is no entry of the rows)."""
     torch.manual_seed(0)
-    module, x = LAYER_CALLS[module_type]()
+    module, x = call()
     module = module.double()
     x = x if x.dtype == torch.int64 else x.double()
     out = module(x)
@@ -158,3 +168,24 @@ def test_linear_pull_is_the_chain_step() -> None:
     torch.testing.assert_close(pull(J, W), J @ W)
     torch.testing.assert_close(pull(None, W).expand(2, 4, 3), torch.eye(4).double() @ W
                                .expand(2, 4, 3))
+
+
+def test_layers_on_extra_axes_are_their_own_layouts() -> None:
+    """Linear on positions is not rank one and forms no chain; 2-d Linear stays as in format
+    1.0 (no stored geometry); a padded embedding's rows skip the padding entry."""
+    lin2 = ops.recognise(nn.Linear(5, 4))
+    assert lin2 is not None and issubclass(lin2, ops.LayerOp)
+    flat = lin2.from_call("a", nn.Linear(5, 4), torch.randn(3, 5), torch.randn(3, 4))
+    pos = lin2.from_call("b", nn.Linear(5, 4), torch.randn(3, 7, 5), torch.randn(3, 7, 4))
+    assert (flat.rank_one, flat.chain, flat.neuron_last, flat.positions) == (True, True, False,
+                                                                             ())
+    assert (pos.rank_one, pos.chain, pos.neuron_last, pos.positions) == (False, False, True, (7,))
+    assert flat.attrs("a", 0, True, metadata.Activation("relu"), "stored").geometry is None
+    la = pos.attrs("b", 0, True, metadata.Activation("relu"), "stored")
+    assert (la.in_features, la.geometry.input_shape) == (5, (7, 5))
+    emb = nn.Embedding(6, 3, padding_idx=4)
+    op = ops.recognise(emb).from_call("e", emb, torch.zeros(2, 3, dtype=torch.long),
+                                      torch.zeros(2, 3, 3))
+    assert op.row_size == 5 and op.geometry.padding_idx == 4
+    W = torch.arange(18.0).reshape(6, 3)
+    torch.testing.assert_close(op.rows(W), W[[0, 1, 2, 3, 5]].T)

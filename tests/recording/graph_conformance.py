@@ -29,10 +29,10 @@ def _loss(loss_id: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _functional(kind: str, geo: dict, x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """The layer's pre-activation, neurons first: (s, neuron, *positions)."""
-    if kind == "linear":
-        return F.linear(x, V)
-    if kind == "embedding":
-        return F.embedding(x, V).movedim(-1, 1)
+    if kind == "linear":  # on (s, *positions, features) inputs (1.3): neurons moved first
+        return F.linear(x, V) if x.ndim == 2 else F.linear(x, V).movedim(-1, 1)
+    if kind == "embedding":  # the padding row (1.3) is no parameter: its gradient is 0
+        return F.embedding(x, V, geo.get("padding_idx")).movedim(-1, 1)
     k = len(geo["stride"])
     if kind == "conv":
         op = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[k]
@@ -71,8 +71,12 @@ def check_graph_trace(path: Path, model: nn.Module,
         for h in hooks:
             h.remove()
         y = torch.tensor(g["taylor/target"][t])
-        torch.testing.assert_close(f.detach(), torch.tensor(g["taylor/output"][t]), rtol=1e-4,
-                                   atol=1e-5)
+        f_n = torch.tensor(g["taylor/output"][t])
+        torch.testing.assert_close(f.detach(), f_n, rtol=1e-4, atol=1e-5)
+        # the Taylor loss at V = W_n (T_s = f_s) is the recorded loss
+        torch.testing.assert_close(_loss(loss_id, f_n.double(), y).mean(),
+                                   torch.tensor(g["taylor/sample_loss"][t]).double().mean(),
+                                   rtol=1e-4, atol=1e-6)
         _loss(loss_id, f, y).mean().backward()
         fd = f.detach().requires_grad_(True)
         _loss(loss_id, fd, y).mean().backward()
