@@ -43,7 +43,7 @@ class LayerPlan:
 
     @property
     def dense(self) -> bool:
-        """True for kinds whose per-neuron design is a full matrix (not linear)."""
+        """True for kinds whose per-neuron design is a full matrix (all but plain linear)."""
         return not self.kind.rank_one
 
     @property

@@ -29,10 +29,11 @@ DTYPE = torch.float64
 class LayerBlock:
     """One layer's data for a block of Taylor rounds.
 
-    Linear layers: ``x`` (b, s, i) augmented inputs, ``jac`` (b, s, o, c). Other kinds: ``x``
-    the raw inputs (b, s, *input_shape) (int64 for an embedding), ``jac`` (b, s, o, c,
-    *positions). ``w`` (b, j, i) is every neuron's augmented row; ``jac`` None means the
-    identity Jacobian (the output layer)."""
+    Rank-one kinds (linear on (batch, features)): ``x`` (b, s, i) augmented inputs, ``jac``
+    (b, s, o, c). Other kinds (linear on positions too): ``x`` the raw inputs (b, s,
+    *input_shape) (int64 for an embedding), ``jac`` (b, s, o, c, *positions). ``w`` (b, j, i)
+    is every neuron's augmented row; ``jac`` None means the identity Jacobian (the output
+    layer)."""
 
     lp: LayerPlan
     x: torch.Tensor

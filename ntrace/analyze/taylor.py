@@ -74,7 +74,8 @@ def _augmented(lp: LayerPlan, V: torch.Tensor, c: torch.Tensor | None) -> torch.
 def taylor_loss(trace: Trace, t: int,
                 params: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
     """TL of Taylor round ``t`` when the layers named in ``params`` take weights ``V`` (shaped
-    like the layer's weight) and bias ``c`` (others stay at the recorded iterate): layer scale
+    like the layer's weight; an embedding's padding row, no parameter, is ignored) and bias
+    ``c`` (others stay at the recorded iterate): layer scale
     for one layer, network scale for all. Differentiable in ``V`` and ``c``; float64 on CPU."""
     from ntrace.analyze.options import AnalysisOptions
     from ntrace.analyze.plan import make_plan
@@ -100,7 +101,8 @@ def neuron_taylor_loss(trace: Trace, t: int, layer: str, neuron: int, v: torch.T
                        c: torch.Tensor | None = None) -> torch.Tensor:
     """TL of round ``t`` when only neuron ``neuron`` of ``layer`` varies (neuron scale): ``v``
     is its row of parameters (``kinds``: the output channel's filter for a convolution, the
-    column for an embedding; any shape with that many entries), ``c`` its bias."""
+    column for an embedding, without the padding entry where one is set; any shape with that
+    many entries), ``c`` its bias."""
     if layer not in trace.layers:
         raise UsageError(f"layer {layer!r} does not exist; layers: {', '.join(trace.layers)}")
     la = trace.layers[layer]

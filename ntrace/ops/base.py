@@ -63,7 +63,7 @@ class LayerOp(Op):
 
     role: ClassVar[str] = LAYER
     name: ClassVar[str]  # the layer kind on disk
-    rank_one: ClassVar[bool] = False  # the design M_s[c] = g_s xᵀ, kept factored (linear)
+    rank_one: ClassVar[bool] = False  # M_s[c] = g_s xᵀ, kept factored (linear, no positions)
     neuron_last: ClassVar[bool] = False  # the module returns (batch, *positions, neuron)
     chain: ClassVar[bool] = False  # may form a chain trace (fast Jacobian recursion)
     stores_geometry: ClassVar[bool] = True  # False: derived from in/out features (format 1.0)
