@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from jsonschema import Draft202012Validator
 
@@ -21,6 +22,8 @@ from ntrace.format.metadata import (
     Sampling,
     TraceAttrs,
 )
+from ntrace.format.validate import validate_trace
+from ntrace.format.writer import TraceWriter
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "spec" / "schema" / "layer.json")
                     .read_text())
@@ -84,3 +87,14 @@ def test_inconsistent_geometry_is_refused(la: LayerAttrs, geometry: dict, match:
     doc["geometry"] = geometry
     with pytest.raises(InvalidTraceError, match=match):
         LayerAttrs.from_dict(doc)
+
+
+def test_a_chain_trace_refuses_a_linear_layer_with_positions(tmp_path: Path) -> None:
+    attrs = TraceAttrs(loss=LossSpec("mse"), structure="chain", output_size=3,
+                       layers=("proj",), sampling=Sampling(samples_per_round=4))
+    la = LayerAttrs("proj", 0, "linear", 5, 6, True, RELU, "stored",
+                    Geometry((7, 5), (6, 7), (6, 5)))
+    TraceWriter.create(tmp_path / "c.zarr", attrs, [la], {"proj": np.arange(6)}).close()
+    reasons = validate_trace(tmp_path / "c.zarr").reasons
+    assert any("layers/proj: a linear layer with positions needs structure 'graph'" in r
+               for r in reasons), reasons
