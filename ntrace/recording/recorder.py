@@ -192,6 +192,8 @@ class Recorder:
                 attrs = self._reopened.attrs
                 restore(model, optimizer, self.resumed)
                 loss, sampling = attrs.loss.id, attrs.sampling
+                if attrs.batchnorm is not None:
+                    self.batchnorm = attrs.batchnorm.approximation
                 probe_every, expected_rounds = attrs.sampling.probe_every or None, \
                     attrs.run.get("expected_rounds")
                 run = {**attrs.run, **dict(run or {})}

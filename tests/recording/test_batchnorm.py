@@ -303,3 +303,37 @@ def test_resnet_example_records_validates_conforms_and_analyses(tmp_path: Path) 
                                   "--no-figures"])
     assert result.exit_code == 0, result.output
     assert "the Taylor data approximates BatchNorm in training mode" in result.output
+
+
+def test_resume_keeps_the_declared_approximation(tmp_path: Path) -> None:
+    """A resumed recorder takes the approximation from the trace (no option needed)."""
+    path = tmp_path / "res.zarr"
+    x, y = _data()
+
+    def steps(model: nn.Module, opt: torch.optim.Optimizer, rec: ntrace.Recorder, n: int
+              ) -> None:
+        for _ in range(n):
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            rec.step(loss, out, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = ntrace.record(model, path, loss="cross_entropy", optimizer=opt,
+                        sampling=Sampling(taylor_every=1, samples_per_round=S),
+                        batchnorm="fixed_stats")
+    steps(model, opt, rec, 2)
+    rec.checkpoint()
+    rec.close()
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with ntrace.record(model, path, optimizer=opt, resume=True) as rec:
+        steps(model, opt, rec, 2)
+    tr = open_trace(path)
+    assert tr.taylor_rounds == 4 and tr.attrs.batchnorm is not None
+    assert tr.read("layers/conv1/gradient_error").shape == (4,)
+    assert validate_trace(path).ok
