@@ -337,3 +337,10 @@ def test_resume_keeps_the_declared_approximation(tmp_path: Path) -> None:
     assert tr.taylor_rounds == 4 and tr.attrs.batchnorm is not None
     assert tr.read("layers/conv1/gradient_error").shape == (4,)
     assert validate_trace(path).ok
+
+
+def test_cli_flag_is_for_scripts() -> None:
+    result = CliRunner().invoke(main, ["record", "--task", "digits-autoencoder", "--batchnorm",
+                                       "fixed-stats"])
+    assert result.exit_code != 0
+    assert "--batchnorm applies to a recorded script" in result.output
