@@ -13,6 +13,8 @@ learnable classes (offline, seeded).
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -140,19 +142,25 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     criterion = nn.CrossEntropyLoss()
     step = 0
+    step_times = []
+    start = time.perf_counter()
     for epoch in range(args.epochs):
         model.train()
         for images, labels in loader:
+            t = time.perf_counter()
             optimizer.zero_grad()
             loss = criterion(model(images), labels)
             loss.backward()
             optimizer.step()
+            step_times.append(time.perf_counter() - t)
             step += 1
             if args.steps is not None and step >= args.steps:
                 break
         print(f"epoch {epoch} step {step} loss {loss.item():.4f}")
         if args.steps is not None and step >= args.steps:
             break
+    print(f"train loop: {time.perf_counter() - start:.3f} s, median step "
+          f"{1e3 * statistics.median(step_times):.3f} ms over {len(step_times)} steps")
 
 
 if __name__ == "__main__":
