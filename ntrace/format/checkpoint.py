@@ -52,7 +52,7 @@ def write_checkpoint(root: Any, slot: str, ck: Checkpoint) -> None:
     for name, value in ck.arrays.items():
         if not NAME.match(name):
             raise ValueError(f"checkpoint array name {name!r} must match {NAME.pattern}")
-        values[name] = np.ascontiguousarray(value)
+        values[name] = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
     sync(_write_all(group, values))  # all arrays concurrently: per-array latency dominates
 
 

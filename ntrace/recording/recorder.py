@@ -46,6 +46,7 @@ from ntrace.format.lock import OutputLock
 from ntrace.format.metadata import (
     CLASS_TARGET_LOSSES,
     LOSS_IDS,
+    BatchNormApprox,
     LayerAttrs,
     LossSpec,
     ModuleAttrs,
@@ -56,7 +57,10 @@ from ntrace.format.metadata import (
 from ntrace.format.store import prepare_output
 from ntrace.format.writer import ProbeSetup, TaylorRound, TraceWriter
 from ntrace.losses import per_sample_loss
+from ntrace.ops.passthrough import training_batchnorm_allowed
 from ntrace.recording.async_writer import AsyncWriter, PendingCheckpoint, PendingRound
+from ntrace.recording.batchnorm import CHOICES as BATCHNORM_CHOICES
+from ntrace.recording.batchnorm import BatchNormGuard
 from ntrace.recording.distributed import current_group, unwrap
 from ntrace.recording.extract import Extractor
 from ntrace.recording.state import capture, restore
@@ -116,7 +120,7 @@ def _host_field(field: str, t: torch.Tensor) -> torch.Tensor:
     return _to_host(t, copy=field not in _FRESH)
 
 
-_FRESH = frozenset({"jacobian", "mask", "mask_high"})
+_FRESH = frozenset({"jacobian", "mask", "mask_high", "gradient_error"})
 
 
 class Recorder:
@@ -131,7 +135,10 @@ class Recorder:
     process group of several processes, every process records its own samples into one
     trace (``sampling.samples_per_round`` per process; ``resume`` is not supported there):
     every process must construct its recorder at the same point. ``distributed=False``
-    records this process alone (e.g. a recorder on rank 0 only).
+    records this process alone (e.g. a recorder on rank 0 only). BatchNorm in training mode
+    is refused unless ``batchnorm="fixed_stats"``: then each Taylor round is taken with the
+    batch statistics held fixed and the gradient error this makes is measured and stored
+    (:mod:`ntrace.recording.batchnorm`).
     """
 
     def __init__(self, model: nn.Module, path: str | os.PathLike[str], *, loss: str = "mse",
@@ -143,7 +150,7 @@ class Recorder:
                  commit_seconds: float = 1.0, unsupported: str = "error",
                  max_jacobian_memory: int = DEFAULT_JACOBIAN_MEMORY,
                  jacobian_mode: str = "auto", resume: bool = False,
-                 distributed: bool = True) -> None:
+                 distributed: bool = True, batchnorm: str | None = None) -> None:
         if loss not in LOSS_IDS:
             raise UsageError(f"unknown loss {loss!r}; use one of {', '.join(LOSS_IDS)}")
         if not isinstance(model, nn.Module):
@@ -154,6 +161,11 @@ class Recorder:
             raise UsageError(f"jacobian_mode={jacobian_mode!r}; use auto, forward or reverse")
         if max_jacobian_memory < 1 << 20:
             raise UsageError("max_jacobian_memory must be at least 1 MiB")
+        if batchnorm is not None and batchnorm not in BATCHNORM_CHOICES:
+            raise UsageError(f"batchnorm={batchnorm!r}; use 'fixed_stats' (BatchNorm in "
+                             "training mode with batch statistics held fixed) or None")
+        self.batchnorm = batchnorm
+        self._bn = BatchNormGuard(unwrap(model), False, unsupported)
         self.unsupported = unsupported
         self.max_jacobian_memory = int(max_jacobian_memory)
         self.jacobian_mode = jacobian_mode
@@ -180,6 +192,8 @@ class Recorder:
                 attrs = self._reopened.attrs
                 restore(model, optimizer, self.resumed)
                 loss, sampling = attrs.loss.id, attrs.sampling
+                if attrs.batchnorm is not None:
+                    self.batchnorm = attrs.batchnorm.approximation
                 probe_every, expected_rounds = attrs.sampling.probe_every or None, \
                     attrs.run.get("expected_rounds")
                 run = {**attrs.run, **dict(run or {})}
@@ -308,7 +322,8 @@ class Recorder:
         if output.ndim != 2:
             raise UsageError(f"the model output must be (batch, outputs); found shape "
                              f"{tuple(output.shape)} (flatten it in the model)")
-        st = discover(log, self.model, self.unsupported)
+        with training_batchnorm_allowed(self.batchnorm is not None):
+            st = discover(log, self.model, self.unsupported)
         self.structure = st
         self._device = output.device
         with torch.no_grad():
@@ -324,6 +339,10 @@ class Recorder:
         if self._reopened is not None:
             self._continue(st)
             return
+        approx = None
+        if self.batchnorm is not None and self._bn.training():
+            approx = BatchNormApprox(self._bn.training_names(), self.batchnorm)
+            self._bn.fixed_stats = True
         layer_attrs = []
         rng = np.random.default_rng(self.sampling.neuron_seed)
         for i, la in enumerate(st.layers):
@@ -338,7 +357,8 @@ class Recorder:
             layer_attrs.append(la.attrs(i, "identity" if identity else "stored"))
         modules = [ModuleAttrs(m.name, m.kind, m.input_shape) for m in st.modules]
         self._extract = Extractor(self.model, st, self.tracked, self.sampling.samples_per_round,
-                                  self._watcher, self.max_jacobian_memory, self.jacobian_mode)
+                                  self._watcher, self.max_jacobian_memory, self.jacobian_mode,
+                                  self._bn)
         probe_setup = None
         if self.probe is not None:
             mask_layers = self._extract.mask_layers
@@ -363,7 +383,8 @@ class Recorder:
                            layers=tuple(la.name for la in st.layers),
                            output_size=int(output.shape[1]), structure=st.kind,
                            modules=tuple(m.name for m in modules),
-                           producer=producer_info(self._device), run=_json_safe(run))
+                           producer=producer_info(self._device), run=_json_safe(run),
+                           batchnorm=approx)
         json.dumps(attrs.to_dict())  # fail here, not in the writer thread, if not JSON
         if self.group is not None:
             writer = self._create_together(attrs, layer_attrs, probe_setup, modules)
@@ -414,8 +435,10 @@ class Recorder:
                              "the model that wrote the trace")
         self.tracked = {k: torch.as_tensor(v, device=self._device)
                         for k, v in writer.tracked.items()}
+        self._bn.fixed_stats = writer.attrs.batchnorm is not None
         self._extract = Extractor(self.model, st, self.tracked, self.sampling.samples_per_round,
-                                  self._watcher, self.max_jacobian_memory, self.jacobian_mode)
+                                  self._watcher, self.max_jacobian_memory, self.jacobian_mode,
+                                  self._bn)
         if self.probe is not None:
             self.probe = self.probe.to(self._device)
         self._writer = AsyncWriter(writer, self.max_pending)
@@ -441,13 +464,20 @@ class Recorder:
                 indices: Any) -> TaylorRound:
         assert self._extract is not None
         s = self.sampling.samples_per_round
-        layers = {name: d.map(_host_field) for name, d in self._extract.layers(log).items()}
-        modules = {k: _to_host(v, False) for k, v in self._extract.module_states(log).items()}
+        rows = self._extract.layers(log)
         out = output[:s].detach()
         tgt = target[:s].detach()
         classes = self.loss_spec.id in CLASS_TARGET_LOSSES
         if classes:
             tgt = tgt.long()
+        if self._bn.fixed_stats:  # the approximation's measured gradient error (spec 3.4)
+            errors = self._extract.batchnorm_errors(
+                log, lambda f: per_sample_loss(self.loss_spec.id, f, tgt).mean())
+            rows = {name: replace(r, gradient_error=torch.tensor(errors[name],
+                                                                 dtype=torch.float32))
+                    for name, r in rows.items()}
+        layers = {name: d.map(_host_field) for name, d in rows.items()}
+        modules = {k: _to_host(v, False) for k, v in self._extract.module_states(log).items()}
         sample_loss = per_sample_loss(self.loss_spec.id, out, tgt)
         if indices is None:
             idx = torch.full((s,), -1, dtype=torch.int64)

@@ -70,6 +70,7 @@ class WrapOptions:
     overwrite: bool = False
     unsupported: str = "error"
     max_jacobian_memory: int = 256 << 20
+    batchnorm: str | None = None  # "fixed_stats": BatchNorm in training mode, approximated
 
 
 @dataclass
@@ -194,7 +195,7 @@ class Session:
             model, self.opts.out, loss="mse", optimizer=opt, sampling=self.opts.sampling,
             probe=probe, probe_every=self.opts.probe_every if probe is not None else None,
             overwrite=self.opts.overwrite, unsupported=self.opts.unsupported,
-            max_jacobian_memory=self.opts.max_jacobian_memory,
+            max_jacobian_memory=self.opts.max_jacobian_memory, batchnorm=self.opts.batchnorm,
             run={"task": None, "wrapped": True, "model_class": type(model).__name__})
 
 
