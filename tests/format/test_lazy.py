@@ -4,33 +4,14 @@ opens a trace without ntrace."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
 import xarray as xr
 
-from ntrace.format.files import TraceDirStore
 from ntrace.format.metadata import FORMAT_VERSION
 from ntrace.format.reader import open_trace
 
-
-@pytest.fixture
-def store_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    keys: list[str] = []
-    original = TraceDirStore.get  # the store every reader uses on a directory
-
-    async def counting(self: Any, key: str, *args: Any, **kwargs: Any) -> Any:
-        keys.append(key)
-        return await original(self, key, *args, **kwargs)
-
-    monkeypatch.setattr(TraceDirStore, "get", counting)
-    yield keys
-
-
-def chunk_keys(keys: list[str]) -> list[str]:
-    return [k for k in keys if not k.endswith("zarr.json")]
+from .conftest import chunk_keys
 
 
 def test_open_reads_metadata_only(ae_trace: Path, store_reads: list[str]) -> None:
