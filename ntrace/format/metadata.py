@@ -15,9 +15,9 @@ from typing import Any
 
 from ntrace.errors import InvalidTraceError, UnsupportedVersionError
 
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 2
+FORMAT_MINOR = 3
 ATTR_KEY = "ntrace"
 
 LOSS_IDS = ("mse", "cross_entropy", "bce_with_logits", "nll")

@@ -2,13 +2,18 @@
 ``description`` attributes xarray users see (CF conventions: ``units`` is "1" for a
 dimensionless quantity and absent for indices and states).
 
-One table serves the xarray backend (:mod:`ntrace.format.xarray_backend`) and the writer.
-Keys are array names, the last component of the path (``layers/fc1/weight`` → ``weight``).
+One table serves the xarray backend (:mod:`ntrace.format.xarray_backend`) and the writer,
+which stores these attributes on every array from format 1.3 on (spec 'Variable attributes'),
+with ``coordinates`` naming ``round_index`` where it labels an array's first axis, so that
+plain ``xr.open_zarr`` shows it as a coordinate. Keys are array names, the last component of
+the path (``layers/fc1/weight`` → ``weight``).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+from ntrace.format.layout import SNAPSHOT, TAYLOR, ArrayLayout
 
 
 class Described(NamedTuple):
@@ -61,4 +66,16 @@ def variable_attrs(path: str) -> dict[str, str]:
                "description": d.description.replace("recorded sample", "probe sample")}
     if d.units is not None:
         out["units"] = d.units
+    return out
+
+
+def stored_attrs(lay: ArrayLayout) -> dict[str, str]:
+    """The attributes the writer stores on the array ``lay`` (format 1.3): those of
+    :func:`variable_attrs`, and CF ``coordinates`` where ``round_index`` of the same group
+    labels the first axis (``taylor`` arrays, ``probe/config``)."""
+    out = variable_attrs(lay.path)
+    group, _, name = lay.path.rpartition("/")
+    if group in ("taylor", "probe") and name != "round_index" and \
+            lay.append_dim in (TAYLOR, SNAPSHOT):
+        out["coordinates"] = "round_index"
     return out

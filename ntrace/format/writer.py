@@ -56,6 +56,7 @@ from ntrace.format.metadata import (
 )
 from ntrace.format.rows import LayerRound, ProbeSetup, Snapshot, TaylorRound
 from ntrace.format.store import prepare_output, publish, staging_dir
+from ntrace.format.variables import stored_attrs
 
 __all__ = ["Coordinator", "LayerRound", "ProbeSetup", "Snapshot", "TaylorRound", "TraceWriter"]
 
@@ -303,7 +304,7 @@ class TraceWriter:
         return dict(name=lay.path, shape=shape, chunks=tuple(max(c, 1) for c in chunks),
                     dtype=lay.dtype, fill_value=_fill(lay.dtype),
                     compressors=_compressors(), dimension_names=lay.dims,
-                    config=EVERY_CHUNK)
+                    attributes=stored_attrs(lay), config=EVERY_CHUNK)
 
     def _local_tail(self, lay: L.ArrayLayout) -> tuple[int, ...]:
         """The row shape this process writes: its block of the sample axis (spec §6.2)."""
