@@ -206,3 +206,28 @@ def test_conv_masks_and_module_states_unpack_to_their_axes(tmp_path: Path,
     corner = pool["state"].isel(in_channel=1, x0=slice(1, 3), x1=[0, 3])
     full = pool["state"].values[:, :, 1, 1:3][..., [0, 3]]
     np.testing.assert_array_equal(corner.values, full)
+
+
+def test_the_readme_example_runs(ae_trace: Path, engine: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import torch
+
+    from ntrace.analyze.taylor import taylor_loss
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Working with traces in xarray"):]
+    start = section.index("```python\n") + 10
+    code = section[start:section.index("\n```", start)]
+    assert 5 <= len([line for line in code.splitlines() if line.strip()]) <= 10
+    scope: dict[str, object] = {}
+    exec(code.replace('"run.zarr"', repr(str(ae_trace))), scope)  # noqa: S102
+    with open_trace(ae_trace) as tr:
+        t = list(tr.read("taylor/round_index")).index(30)
+        w = torch.as_tensor(tr.read("layers/fc2/weight", t), dtype=torch.float64)
+        b = torch.as_tensor(tr.read("layers/fc2/bias", t), dtype=torch.float64)
+        want = float(taylor_loss(tr, t, {"fc2": (w, b + 0.01)}))
+        mask = unpack(tr.read("layers/fc2/mask", t), 30).mean(axis=0)
+    assert float(scope["taylor_loss"]) == pytest.approx(want, rel=1e-5)
+    np.testing.assert_allclose(scope["on"].values, mask)
