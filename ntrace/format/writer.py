@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 import zarr
 import zarr.storage
+from zarr.api.asynchronous import create_array
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
@@ -277,7 +278,7 @@ class TraceWriter:
             root.create_group("probe", attributes={ATTR_KEY: pr.units.to_dict()})
             layouts += L.probe_arrays(len(pr.sample_index), pr.input.shape[1], pr.units.total)
         specs = [self._array_spec(lay) for lay in layouts]
-        made = sync(_gather([root._async_group.create_array(**spec) for spec in specs]))
+        made = sync(_gather([create_array(root.store_path, **spec) for spec in specs]))
         for lay, arr in zip(layouts, made, strict=True):
             self._keep(lay.path, lay, zarr.Array(arr))
         for name, t in self._tracked.items():

@@ -231,3 +231,22 @@ def test_the_readme_example_runs(ae_trace: Path, engine: str) -> None:
         mask = unpack(tr.read("layers/fc2/mask", t), 30).mean(axis=0)
     assert float(scope["taylor_loss"]) == pytest.approx(want, rel=1e-5)
     np.testing.assert_allclose(scope["on"].values, mask)
+
+
+def test_urls_open_through_fsspec(engine: str, tmp_path: Path) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    tiny = EXAMPLES / "tiny-mlp.zarr"
+    pack_trace(tiny, tmp_path / "tiny.zip")
+    fs = fsspec.filesystem("memory")
+    root = f"/xr-{os.getpid()}"
+    fs.put(str(tiny), f"{root}/tiny.zarr", recursive=True)
+    fs.put(str(tmp_path / "tiny.zip"), f"{root}/tiny.zip")
+    try:
+        for name in ("tiny.zarr", "tiny.zip"):
+            tree = xr.open_datatree(f"memory://{root}/{name}", engine=engine)
+            _assert_matches_the_reader(tiny, tree)
+            tree.close()
+        tree = xr.open_datatree(f"file://{tmp_path / 'tiny.zip'}", engine=engine)
+        assert tree["/"].sizes["round"] == 12
+    finally:
+        fs.rm(root, recursive=True)
