@@ -83,13 +83,12 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
     ``ntrace record [OPTIONS] -- python train.py [ARGS]`` (or ``-- python -m MODULE``)."""
     from ntrace.errors import UsageError
     from ntrace.format.summary import dir_bytes
-    from ntrace.tasks import TASKS, get_task
+    from ntrace.tasks import get_task
     from ntrace.tasks.runner import RunOptions, run_task
 
     console = Console(stderr=True)
     if list_tasks:
-        for t in TASKS.values():
-            click.echo(f"{t.name:22s} {t.description}")
+        _print_tasks()
         return
     if command:
         if task is not None:
@@ -138,6 +137,28 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
         result = run_task(spec, opts, bars)
     console.print(f"[green]recorded[/] {result.rounds} rounds in {result.seconds:.1f} s, "
                   f"final loss {result.final_loss:.5f} → {markup(out)}")
+
+
+@click.command(cls=Command, short_help="List the built-in tasks and the data each needs.")
+@handle_errors
+def tasks() -> None:
+    """List the built-in tasks of ``ntrace record --task``: the data each needs (bundled, or
+    files under --data-dir), its loss and its training defaults."""
+    _print_tasks()
+
+
+def _print_tasks() -> None:
+    import textwrap
+
+    from ntrace.tasks import TASKS
+
+    for task in TASKS.values():
+        data = "data: files under --data-dir" if task.needs_data_dir else \
+            "data: bundled, no download"
+        click.echo(f"{task.name:20s} {data:30s} {task.loss}, batch {task.batch_size}, "
+                   f"{task.epochs} epochs")
+        click.echo(textwrap.fill(task.description, 88, initial_indent="    ",
+                                 subsequent_indent="    "))
 
 
 def _sampling(defaults: Any, taylor_every: int | None, samples_per_round: int | None,
