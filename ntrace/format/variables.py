@@ -45,6 +45,9 @@ VARIABLES: dict[str, Described] = {
     "mask_high": Described("upper activation state", None,
                            "which units were above the upper bend of a hardtanh"),
     "slope": Described("PReLU slope", "1", "the learned negative slope at the start of the round"),
+    "gradient_error": Described("BatchNorm gradient error", "1",
+                                "relative error of the fixed-statistics Taylor gradient of the "
+                                "layer against autograd through the batch statistics"),
     "state": Described("module state", None,
                        "per-sample state of a parameter-free module (max-pool winner, dropout "
                        "keep)"),

@@ -250,3 +250,24 @@ def test_urls_open_through_fsspec(engine: str, tmp_path: Path) -> None:
         assert tree["/"].sizes["round"] == 12
     finally:
         fs.rm(root, recursive=True)
+
+
+def test_every_array_the_layout_declares_is_described() -> None:
+    """One table of variable attributes: an array added to the layout without an entry in
+    ``VARIABLES`` would open without long_name/units (as ``gradient_error`` did at first)."""
+    import ast
+
+    from ntrace.format import layout
+    from ntrace.format.variables import VARIABLES
+
+    tree = ast.parse(Path(layout.__file__).read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "ArrayLayout":
+            first = node.args[0]
+            parts = first.values if isinstance(first, ast.JoinedStr) else [first]
+            last = parts[-1]
+            assert isinstance(last, ast.Constant), ast.dump(first)
+            names.add(str(last.value).rpartition("/")[2])
+    assert len(names) >= 15, names
+    assert names - set(VARIABLES) == set()
