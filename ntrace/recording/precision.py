@@ -1,20 +1,24 @@
-"""Low-precision forwards (``torch.autocast``, half-precision models) in a Taylor round.
+"""Low-precision forwards (``torch.autocast``): what a Taylor round keeps of them.
 
-Under autocast the model's output and the values its layers see are bfloat16 or float16. The
-trace's Taylor data are float32: the layer inputs, pre-activations and output the forward
-computed are stored exactly, upcast; the weights are the float32 parameters the optimizer
-steps; the Jacobians are computed in float32 at those weights, outside autocast. The loss the
-script computed is checked, on round 0, against the mean loss of the upcast output with a
-tolerance set by the loss's own dtype (:func:`loss_check_rtol`).
+Under autocast the model's output and the values its layers see are bfloat16 or float16,
+rounded to 2-3 significant digits: layer inputs, pre-activations and output would not be
+consistent with the float32 weights to the precision the format's checks expect. A Taylor
+round of a low-precision forward is therefore taken from one extra forward of its recorded
+samples in float32 (outside autocast, no gradients, random modules replaying the training
+call): the Taylor data are those of the float32 model at ``W_n``, the weights the optimizer
+steps. The round's loss stays the training forward's. The loss the script computed is checked,
+on round 0, against the mean loss of the upcast output with a tolerance set by the loss's own
+dtype (:func:`loss_check_rtol`).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+from torch import nn
 
-from ntrace.recording.structure import CallLog
+from ntrace.ops.dropout import dropout_off
+from ntrace.recording.extract import Extractor, _slice
+from ntrace.recording.structure import CallLog, Watcher
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 LOSS_CHECK_RTOL = 1e-4  # float32 and wider
@@ -31,22 +35,26 @@ def loss_check_rtol(dtype: torch.dtype) -> float:
     return LOSS_CHECK_RTOL
 
 
-def upcast(value: Any) -> Any:
-    """``value`` with every half-precision tensor (in tuples and lists too) made float32."""
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.dtype in LOW_PRECISION else value
-    if isinstance(value, tuple | list):
-        return type(value)(upcast(v) for v in value)
-    return value
-
-
-def upcast_log(log: CallLog) -> None:
-    """Make the logged forward float32 in place (layer inputs and outputs, model output)."""
-    for call in log.calls:
-        call.input = upcast(call.input)
-        call.output = upcast(call.output)
-    log.output = upcast(log.output)
-
-
 def is_low_precision(t: torch.Tensor) -> bool:
     return t.dtype in LOW_PRECISION
+
+
+def float32_forward(model: nn.Module, watcher: Watcher, extractor: Extractor, log: CallLog,
+                    samples: int) -> CallLog:
+    """The log of a float32 forward of the first ``samples`` samples of ``log``'s forward,
+    with each random call (dropout) repeating the training call's."""
+    b = log.output.shape[0]
+    args = tuple(_slice(a, b, samples) for a in log.args)
+    kwargs = {k: _slice(v, b, samples) for k, v in log.kwargs.items()}
+    # the replays run before the watcher's hooks, so that it logs what flows on
+    handles = [m.register_forward_hook(h, prepend=True) for m, h in extractor._replay(log)]
+    capture, watcher.capture = watcher.capture, True
+    try:
+        with torch.no_grad(), torch.autocast(log.output.device.type, enabled=False), \
+                dropout_off(model):
+            model(*args, **kwargs)
+    finally:
+        watcher.capture = capture
+        for h in handles:
+            h.remove()
+    return watcher.log

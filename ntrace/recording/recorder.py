@@ -63,7 +63,7 @@ from ntrace.recording.batchnorm import CHOICES as BATCHNORM_CHOICES
 from ntrace.recording.batchnorm import BatchNormGuard
 from ntrace.recording.distributed import current_group, unwrap
 from ntrace.recording.extract import Extractor
-from ntrace.recording.precision import is_low_precision, loss_check_rtol, upcast_log
+from ntrace.recording.precision import float32_forward, is_low_precision, loss_check_rtol
 from ntrace.recording.state import capture, restore
 from ntrace.recording.structure import POLICIES, Structure, Watcher, discover
 
@@ -322,8 +322,9 @@ class Recorder:
                     raise UsageError(
                         "the output passed to step() is not the one of the model's latest "
                         "forward: call step(loss, model(x), y) right after that forward")
-                if is_low_precision(output):
-                    upcast_log(log)
+                if is_low_precision(output):  # Taylor data from a float32 forward
+                    assert self._extract is not None
+                    log = float32_forward(self.model, self._watcher, self._extract, log, s)
                     output = log.output
                 with _no_autocast(output.device):
                     pending.taylor = self._taylor(n, log, output, target, indices)
@@ -401,7 +402,8 @@ class Recorder:
         if is_low_precision(output):  # spec 'Training idioms'
             run["low_precision"] = {"output_dtype": str(output.dtype).removeprefix("torch."),
                                     "loss_dtype": str(loss.dtype).removeprefix("torch."),
-                                    "loss_check_rtol": rtol, "taylor_dtype": "float32"}
+                                    "loss_check_rtol": rtol,
+                                    "taylor_data": "float32 forward of the recorded samples"}
         sampling = self.sampling
         if self.group is not None:  # the trace counts the samples of every process
             world = self.group.world_size
