@@ -172,8 +172,9 @@ def test_accumulation_without_division_and_a_loss_times_a_weight_dependent_facto
         tmp_path: Path) -> None:
     """Summed micro-batch gradients (no 1/k) are the same loss times a constant: recorded.
     A loss multiplied by something that depends on the weights is not: refused."""
-    out, _ = run(tmp_path, ACCUMULATE.replace("(loss / k).backward()", "loss.backward()"))
+    out, log = run(tmp_path, ACCUMULATE.replace("(loss / k).backward()", "loss.backward()"))
     assert open_trace(out).rounds == 4
+    np.testing.assert_allclose(zarr.open_group(str(out))["loss"][:], log["losses"], rtol=1e-6)
     bad = ACCUMULATE.replace("(loss / k).backward()",
                              "(loss * model[0].weight.abs().sum()).backward()")
     with pytest.raises(LossMismatchError, match="backpropagates a loss of"):
