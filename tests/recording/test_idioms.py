@@ -371,7 +371,7 @@ def _record_and_analyze(tmp_path: Path, script: str, *args: str) -> Path:
     assert res.exit_code == 0, res.output
     assert validate_trace(out).ok
     an = tmp_path / "an"
-    res = CliRunner().invoke(main, ["analyze", str(out), "--out", str(an)])
+    res = CliRunner().invoke(main, ["analyze", str(out), "--out", str(an), "--checkpoints", "2"])
     assert res.exit_code == 0, res.output
     ds = open_results(an / "results.zarr")
     assert (ds.neuron_status.values == CONVERGED).all()
