@@ -3,12 +3,12 @@
 Under autocast the model's output and the values its layers see are bfloat16 or float16,
 rounded to 2-3 significant digits: layer inputs, pre-activations and output would not be
 consistent with the float32 weights to the precision the format's checks expect. A Taylor
-round of a low-precision forward is therefore taken from one extra forward of its recorded
-samples in float32 (outside autocast, no gradients, random modules replaying the training
-call): the Taylor data are those of the float32 model at ``W_n``, the weights the optimizer
-steps. The round's loss stays the training forward's. The loss the script computed is checked,
-on round 0, against the mean loss of the upcast output with a tolerance set by the loss's own
-dtype (:func:`loss_check_rtol`).
+round of a low-precision forward is therefore taken from one extra forward of its minibatch
+in float32 (outside autocast, no gradients, random modules replaying the training call): the
+Taylor data are those of the float32 model at ``W_n``, the weights the optimizer steps. The
+round's loss stays the training forward's. The loss the script computed is checked, on round
+0, against the mean loss of the upcast output with a tolerance set by the loss's own dtype
+(:func:`loss_check_rtol`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ntrace.ops.dropout import dropout_off
-from ntrace.recording.extract import Extractor, _slice
+from ntrace.recording.extract import Extractor
 from ntrace.recording.structure import CallLog, Watcher
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -39,20 +39,20 @@ def is_low_precision(t: torch.Tensor) -> bool:
     return t.dtype in LOW_PRECISION
 
 
-def float32_forward(model: nn.Module, watcher: Watcher, extractor: Extractor, log: CallLog,
-                    samples: int) -> CallLog:
-    """The log of a float32 forward of the first ``samples`` samples of ``log``'s forward,
-    with each random call (dropout) repeating the training call's."""
+def float32_forward(model: nn.Module, watcher: Watcher, extractor: Extractor,
+                    log: CallLog) -> CallLog:
+    """The log of a float32 forward of ``log``'s whole minibatch: each random call (dropout)
+    repeats the training call's, training-mode BatchNorms normalise with this forward's own
+    batch statistics (as training did; running statistics untouched), so that the Jacobian
+    forward and the BatchNorm error measure read float32 statistics of the same batch."""
     b = log.output.shape[0]
-    args = tuple(_slice(a, b, samples) for a in log.args)
-    kwargs = {k: _slice(v, b, samples) for k, v in log.kwargs.items()}
     # the replays run before the watcher's hooks, so that it logs what flows on
-    handles = [m.register_forward_hook(h, prepend=True) for m, h in extractor._replay(log)]
+    handles = [m.register_forward_hook(h, prepend=True) for m, h in extractor._replay(log, b)]
     capture, watcher.capture = watcher.capture, True
     try:
         with torch.no_grad(), torch.autocast(log.output.device.type, enabled=False), \
-                dropout_off(model):
-            model(*args, **kwargs)
+                dropout_off(model), extractor.batchnorm.batch():
+            model(*log.args, **log.kwargs)
     finally:
         watcher.capture = capture
         for h in handles:

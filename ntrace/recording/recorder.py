@@ -324,7 +324,7 @@ class Recorder:
                         "forward: call step(loss, model(x), y) right after that forward")
                 if is_low_precision(output):  # Taylor data from a float32 forward
                     assert self._extract is not None
-                    log = float32_forward(self.model, self._watcher, self._extract, log, s)
+                    log = float32_forward(self.model, self._watcher, self._extract, log)
                     output = log.output
                 with _no_autocast(output.device):
                     pending.taylor = self._taylor(n, log, output, target, indices)
@@ -403,7 +403,7 @@ class Recorder:
             run["low_precision"] = {"output_dtype": str(output.dtype).removeprefix("torch."),
                                     "loss_dtype": str(loss.dtype).removeprefix("torch."),
                                     "loss_check_rtol": rtol,
-                                    "taylor_data": "float32 forward of the recorded samples"}
+                                    "taylor_data": "float32 forward of the minibatch"}
         sampling = self.sampling
         if self.group is not None:  # the trace counts the samples of every process
             world = self.group.world_size

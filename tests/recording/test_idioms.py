@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +136,48 @@ def test_a_graph_model_with_dropout_under_autocast_conforms_in_float32(tmp_path:
                         nn.Dropout(0.3), nn.Linear(64, 3))
     checked = check_graph_trace(out, net, lambda g, t: torch.tensor(g["layers/0/input"][t]))
     assert checked == 4 * 2
+
+
+BN_AMP = """\
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for i in range(4):
+    x, y = data[16 * i:16 * i + 16], labels[16 * i:16 * i + 16]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    log["losses"].append(loss.item())
+    log["running_mean"] = model[1].running_mean.tolist()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+def test_training_batchnorm_under_autocast_records_with_float32_statistics(
+        tmp_path: Path) -> None:
+    """The float32 forward of a Taylor round normalises with its own batch statistics and
+    leaves the running statistics alone; the approximation's gradient error it measures is
+    the one a float32 run measures (round 0: the same weights)."""
+    errors = {}
+    f32 = BN_AMP.replace('torch.autocast("cpu", dtype=torch.bfloat16)',
+                         'torch.autocast("cpu", enabled=False)')
+    for name, body in [("bf16", BN_AMP), ("f32", f32)]:
+        d = tmp_path / name
+        d.mkdir()
+        script = d / "train.py"
+        script.write_text(HEADER + body + FOOTER)
+        run_wrapped(["python", str(script), str(d / "log.json")],
+                    WrapOptions(out=str(d / "t.zarr"), probe_size=0, batchnorm="fixed_stats",
+                                sampling=Sampling(taylor_every=1, samples_per_round=4)))
+        assert open_trace(d / "t.zarr").rounds == 4 and validate_trace(d / "t.zarr").ok
+        errors[name] = zarr.open_group(str(d / "t.zarr"))["layers/0/gradient_error"][:]
+        plain = d / "plain.json"  # the same script without ntrace
+        subprocess.run([sys.executable, str(script), str(plain)], check=True)
+        # the same losses, the same running statistics
+        assert json.loads((d / "log.json").read_text()) == json.loads(plain.read_text())
+    assert np.isfinite(errors["bf16"]).all()
+    np.testing.assert_allclose(errors["bf16"][0], errors["f32"][0], rtol=1e-5)
 
 
 def test_the_loss_check_tolerance_follows_the_loss_dtype() -> None:
