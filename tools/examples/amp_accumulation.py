@@ -15,6 +15,8 @@ Each optimizer step is one round; its loss is the mean over the step's micro-bat
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +53,10 @@ def main() -> None:
     # same loop serves both
     scaler = torch.amp.GradScaler(device.type)
 
+    start, step_times = time.perf_counter(), []
     for epoch in range(args.epochs):
         total = 0.0
+        t = time.perf_counter()
         for i, (x, y) in enumerate(loader):
             x, y = x.to(device), y.to(device)
             with torch.autocast(device_type=device.type, dtype=dtype):
@@ -65,8 +69,12 @@ def main() -> None:
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                step_times.append(time.perf_counter() - t)  # one optimizer step: k batches
+                t = time.perf_counter()
         print(f"epoch {epoch}: mean loss {total / len(loader):.4f}, "
               f"lr {scheduler.get_last_lr()[0]:.4f}")
+    print(f"train loop: {time.perf_counter() - start:.3f} s, median step "
+          f"{1e3 * statistics.median(step_times):.3f} ms over {len(step_times)} steps")
 
 
 if __name__ == "__main__":
