@@ -36,6 +36,7 @@ LOOP_LINE = re.compile(r"train loop: ([0-9.]+) s, median step ([0-9.]+) ms over 
 SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "mlp_loop": (["--steps", "3000"], ["--steps", "600"]),
     "convnet_loop": (["--epochs", "6"], ["--epochs", "2"]),
+    "amp_accumulation": (["--epochs", "6"], ["--epochs", "2"]),
 }
 
 

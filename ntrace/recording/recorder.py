@@ -63,10 +63,10 @@ from ntrace.recording.batchnorm import CHOICES as BATCHNORM_CHOICES
 from ntrace.recording.batchnorm import BatchNormGuard
 from ntrace.recording.distributed import current_group, unwrap
 from ntrace.recording.extract import Extractor
+from ntrace.recording.precision import float32_forward, is_low_precision, loss_check_rtol
 from ntrace.recording.state import capture, restore
 from ntrace.recording.structure import POLICIES, Structure, Watcher, discover
 
-LOSS_CHECK_RTOL = 1e-4
 MAX_BATCHED_ROUNDS = 64  # loss-only rounds handed to the writer thread together
 DEFAULT_JACOBIAN_MEMORY = 256 << 20  # bytes for one chunk of batched Jacobian products
 
@@ -107,6 +107,8 @@ def producer_info(device: torch.device) -> dict[str, Any]:
 def _to_host(t: torch.Tensor, copy: bool = True) -> torch.Tensor:
     """A host copy of ``t``: a clone on CPU, a non-blocking copy into pinned memory on CUDA."""
     t = t.detach()
+    if is_low_precision(t):  # Taylor data are float32 (ntrace.recording.precision)
+        t, copy = t.float(), False  # a fresh tensor already
     if t.device.type == "cpu":
         return t.clone() if copy else t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -170,6 +172,12 @@ class Recorder:
         self.max_jacobian_memory = int(max_jacobian_memory)
         self.jacobian_mode = jacobian_mode
         model = unwrap(model)
+        if _compiled(model):
+            raise UsageError(
+                "the model is compiled by torch.compile, whose forward ntrace cannot hook: "
+                "record the uncompiled module (pass model._orig_mod and call it in the "
+                "recorded loop), or run the script under 'ntrace record -- python train.py', "
+                "which records with torch.compile disabled")
         # None in a single process (or distributed=False): nothing below changes
         self.group = current_group() if distributed else None
         if self.group is not None and resume:
@@ -276,8 +284,16 @@ class Recorder:
 
     # -- the per-round call ---------------------------------------------------------------
     def step(self, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor,
-             indices: torch.Tensor | np.ndarray | None = None) -> None:
-        """Record round ``self.round``: call after the forward, before ``optimizer.step()``."""
+             indices: torch.Tensor | np.ndarray | None = None, *,
+             round_loss: torch.Tensor | None = None) -> None:
+        """Record round ``self.round``: call after the forward, before ``optimizer.step()``.
+
+        Under gradient accumulation (several forwards and backwards per optimizer step) pass
+        the last micro-batch's ``loss``, ``output`` and ``target`` (checked on round 0 and used
+        for the Taylor data) and, as ``round_loss``, the mean of the step's micro-batch losses
+        (the round's recorded loss). Under ``torch.autocast`` pass the unscaled loss (not a
+        ``GradScaler``'s scaled one); the Taylor data are float32
+        (:mod:`ntrace.recording.precision`)."""
         if self._closed:
             raise UsageError("the recorder is closed")
         n = self.round
@@ -289,13 +305,14 @@ class Recorder:
             self._start(log, loss, output, target)
         assert self._writer is not None
         on_cpu = output.device.type == "cpu"
+        recorded = loss if round_loss is None else round_loss
         if on_cpu and self.group is None:  # several processes: the writers check the mean
-            value = float(loss.detach())
+            value = float(recorded.detach())
             if not math.isfinite(value):
                 self.close("aborted", f"loss is {value} at round {n}")
                 raise NonFiniteLossError(f"loss is {value} at round {n}; the trace keeps the {n} "
                                          "rounds before it (status 'aborted')")
-        pending = PendingRound(n, self._stage_loss(loss))
+        pending = PendingRound(n, self._stage_loss(recorded))
         s = self.sampling.samples_per_round
         if self.sampling.is_taylor_round(n):
             if output.shape[0] < s:
@@ -305,10 +322,16 @@ class Recorder:
                     raise UsageError(
                         "the output passed to step() is not the one of the model's latest "
                         "forward: call step(loss, model(x), y) right after that forward")
-                pending.taylor = self._taylor(n, log, output, target, indices)
+                if is_low_precision(output):  # Taylor data from a float32 forward
+                    assert self._extract is not None
+                    log = float32_forward(self.model, self._watcher, self._extract, log)
+                    output = log.output
+                with _no_autocast(output.device):
+                    pending.taylor = self._taylor(n, log, output, target, indices)
         probe_round = self.sampling.is_probe_round(n)
         if probe_round and (self.group is None or self.group.rank == 0):
-            pending.snapshot = self._snapshot()  # process 0 writes the probe group
+            with _no_autocast(output.device):
+                pending.snapshot = self._snapshot()  # process 0 writes the probe group
         self._batch.append(pending)
         if pending.taylor is not None or probe_round or len(self._batch) >= MAX_BATCHED_ROUNDS:
             self._submit()
@@ -326,10 +349,12 @@ class Recorder:
             st = discover(log, self.model, self.unsupported)
         self.structure = st
         self._device = output.device
+        rtol = loss_check_rtol(loss.dtype)
         with torch.no_grad():
-            mine = per_sample_loss(self.loss_spec.id, output.detach(), target.detach()).mean()
+            mine = per_sample_loss(self.loss_spec.id, output.detach().float(),
+                                   target.detach()).mean()
             theirs = loss.detach().reshape(())
-            ok = torch.isclose(mine, theirs.to(mine.dtype), rtol=LOSS_CHECK_RTOL, atol=1e-7)
+            ok = torch.isclose(mine, theirs.to(mine.dtype), rtol=rtol, atol=1e-7)
             if not bool(ok) and bool(torch.isfinite(theirs)):
                 raise LossMismatchError(
                     f"the loss passed to step() ({float(theirs):.6g}) is not the mean "
@@ -374,6 +399,11 @@ class Recorder:
                "optimizer": describe_optimizer(self.optimizer),
                "expected_rounds": self.expected_rounds,
                "jacobian_mode": self.jacobian_mode, **self.run_info}
+        if is_low_precision(output):  # spec 'Training idioms'
+            run["low_precision"] = {"output_dtype": str(output.dtype).removeprefix("torch."),
+                                    "loss_dtype": str(loss.dtype).removeprefix("torch."),
+                                    "loss_check_rtol": rtol,
+                                    "taylor_data": "float32 forward of the minibatch"}
         sampling = self.sampling
         if self.group is not None:  # the trace counts the samples of every process
             world = self.group.world_size
@@ -492,7 +522,7 @@ class Recorder:
         pinned memory once per batch in :meth:`_submit`: no sync, one host copy per batch."""
         value = loss.detach().reshape(())
         if value.device.type == "cpu":
-            return value
+            return value.float()
         if self._loss_buffer is None:
             self._loss_buffer = torch.empty(MAX_BATCHED_ROUNDS, dtype=torch.float32,
                                             device=value.device)
@@ -540,6 +570,21 @@ class Recorder:
     @property
     def trace_path(self) -> str:
         return str(self.path)
+
+
+def _compiled(model: nn.Module) -> bool:
+    """A ``torch.compile``'d module whose compiled forward runs (TorchDynamo enabled)."""
+    if not hasattr(model, "_orig_mod") or type(model).__name__ != "OptimizedModule":
+        return False
+    import torch._dynamo
+
+    return not torch._dynamo.config.disable
+
+
+def _no_autocast(device: torch.device) -> Any:
+    """Jacobians and probe forwards are float32 even when step() is called under
+    autocast."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def _auto_probe_every(expected_rounds: int | None, rounds_per_epoch: int | None) -> int:
