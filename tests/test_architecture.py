@@ -113,3 +113,41 @@ def test_errors_subclass_the_builtin_they_resemble() -> None:
                 and obj is not errors.NtraceError:
             assert obj.__doc__ and "Raised" in obj.__doc__, name
             assert len(obj.__mro__) > 3, f"{name} subclasses no built-in besides Exception"
+
+
+ZARR_PRIVATE = {"_async_group", "_async_array", "_sync_open", "_zf", "_is_open", "_store",
+                "_open", "_set", "_lock", "_sync", "_sync_iter", "_get_loop", "_get_many"}
+ZARR_CLASSES = {"Store", "LocalStore", "WrapperStore", "ZipStore", "FsspecStore", "Group",
+                "Array"}
+
+
+def _private_zarr_uses(tree: ast.AST, where: str) -> list[str]:
+    """Private zarr names: imported, read from any object but ``self``, or read from
+    ``self`` inside a subclass of a zarr class."""
+    found = []
+
+    def visit(node: ast.AST, in_zarr_class: bool) -> None:
+        if isinstance(node, ast.ClassDef):
+            bases = {b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "")
+                     for b in node.bases}
+            in_zarr_class = bool(bases & ZARR_CLASSES)
+        if isinstance(node, ast.Attribute) and node.attr in ZARR_PRIVATE:
+            on_self = isinstance(node.value, ast.Name) and node.value.id == "self"
+            if not on_self or in_zarr_class:
+                found.append(f"{where}:{node.lineno} .{node.attr}")
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("zarr"):
+            found.extend(f"{where}:{node.lineno} import {a.name}" for a in node.names
+                         if a.name.startswith("_"))
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_zarr_class)
+
+    visit(tree, False)
+    return found
+
+
+def test_no_private_zarr_api() -> None:
+    """zarr's private attributes change between minor releases (a ZipStore's ``_zf`` and
+    ``_sync_open`` could break every .zip trace): ntrace uses its public API and fsspec only."""
+    offenders = [use for p in PKG.rglob("*.py")
+                 for use in _private_zarr_uses(ast.parse(p.read_text()), str(p.relative_to(PKG)))]
+    assert offenders == []

@@ -14,7 +14,7 @@ from ntrace.analyze.hindsight import Family, Hindsight
 from ntrace.analyze.options import AnalysisOptions
 from ntrace.analyze.plan import AnalysisPlan
 from ntrace.analyze.regret import cumulative_loss, fit_exponent, regret, resolution
-from ntrace.analyze.results import NODE, RESULTS_VERSION, over_sqrt, var
+from ntrace.analyze.results import NODE, RESULTS_VERSION, indexed, over_sqrt, var
 from ntrace.analyze.solve import NOT_SOLVED, STATUS_NAMES
 from ntrace.analyze.source import read_float64
 from ntrace.format.reader import Trace
@@ -85,7 +85,6 @@ def build_dataset(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions, hs: H
     T = plan.taylor_rounds
     fit_min = max(1.0, opts.fit_from * T)
     n_cp = len(counts)
-    lay_names = {"layer_names": names}
     v: dict[str, xr.Variable] = {}
     coords: dict[str, Any] = {
         "checkpoint": var("checkpoint", counts, "Taylor rounds N up to this checkpoint"),
@@ -94,8 +93,8 @@ def build_dataset(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions, hs: H
         "taylor_round": var("taylor_round", np.arange(T), "Taylor round t"),
         "round_index": var("taylor_round", hs.round_index, "training round n of Taylor "
                            "round t"),
-        "layer": var("layer", np.arange(len(names)), "analysed layer (position; names in "
-                     "attrs layer_names)", **lay_names),
+        "layer": var("layer", np.asarray(names, dtype=str), "analysed layer (network "
+                     "order)"),
     }
     v["taylor_loss"] = var("taylor_round", hs.taylor_loss, "loss at the iterate on the "
                            "recorded samples: mean of taylor/sample_loss = TL_t(W_t)")
@@ -109,9 +108,9 @@ def build_dataset(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions, hs: H
     order = [n for n in names if n in hs.neuron]
     if order:
         lp_by = {lp.name: lp for lp in plan.layers}
-        nl = np.concatenate([np.full(len(lp_by[n].selected), names.index(n)) for n in order])
+        nl = np.concatenate([np.full(len(lp_by[n].selected), n) for n in order])
         ni = np.concatenate([lp_by[n].neurons for n in order])
-        coords["neuron_layer"] = var("neuron", nl, "layer position of the neuron", **lay_names)
+        coords["neuron_layer"] = var("neuron", nl, "layer of the neuron")
         coords["neuron_index"] = var("neuron", ni, "neuron index within its layer")
         _scale_vars(v, "neuron", ("checkpoint", "neuron"),
                     _stack(hs.neuron, order, "value", n_cp), _stack(hs.neuron, order, "gap", n_cp),
@@ -120,9 +119,9 @@ def build_dataset(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions, hs: H
         reg, gap = v["neuron_regret"].values, v["neuron_gap"].values
         with warnings.catch_warnings():  # all-NaN layers (unbounded everywhere) stay NaN
             warnings.simplefilter("ignore", RuntimeWarning)
-            mean_reg = np.stack([np.nanmean(reg[:, nl == names.index(n)], axis=1)
+            mean_reg = np.stack([np.nanmean(reg[:, nl == n], axis=1)
                                  for n in order], 1)
-            mean_gap = np.stack([np.nanmax(gap[:, nl == names.index(n)], axis=1)
+            mean_gap = np.stack([np.nanmax(gap[:, nl == n], axis=1)
                                  for n in order], 1)
         ex = fit_exponent(counts, mean_reg, min_count=fit_min, confidence=opts.confidence,
                           floor=resolution(counts, mean_gap, cum))
@@ -131,12 +130,11 @@ def build_dataset(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions, hs: H
             for k in full:
                 full[k][names.index(n)] = getattr(ex, k)[i]
         v["neuron_mean_regret_exponent"] = var("layer", full["slope"], "slope of log (mean "
-                                               "neuron regret of the layer) on log N",
-                                               **lay_names)
+                                               "neuron regret of the layer) on log N")
         v["neuron_mean_regret_exponent_low"] = var("layer", full["low"], "confidence bound "
-                                                   "(low)", **lay_names)
+                                                   "(low)")
         v["neuron_mean_regret_exponent_high"] = var("layer", full["high"], "confidence bound "
-                                                    "(high)", **lay_names)
+                                                    "(high)")
         size = np.concatenate([hs.neuron[n].domain.size().cpu().numpy() for n in order])
         v["neuron_domain_size"] = var("neuron", size, "radius of the ball / half diagonal of "
                                       "the box of the neuron's domain")
@@ -191,13 +189,12 @@ def build_dataset(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions, hs: H
 
         _scale_vars(v, "layer", ("checkpoint", "layer"), col("value", np.nan),
                     col("gap", np.nan), col("status", NOT_SOLVED).astype(np.int8),
-                    col("iterations", 0).astype(np.int64), counts, cum, opts, fit_min,
-                    lay_names)
+                    col("iterations", 0).astype(np.int64), counts, cum, opts, fit_min, {})
         size = np.full(len(names), np.nan)
         for n, fam in hs.layer.items():
             size[names.index(n)] = float(fam.domain.size().cpu().numpy()[0])
         v["layer_domain_size"] = var("layer", size, "radius of the ball / half diagonal of "
-                                     "the box of the layer's domain", **lay_names)
+                                     "the box of the layer's domain")
     if hs.network is not None:
         f = hs.network
         _scale_vars(v, "network", ("checkpoint",), f.value[:, 0], f.gap[:, 0], f.status[:, 0],
@@ -233,5 +230,5 @@ def build_dataset(trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions, hs: H
     }
     if expl is not None:
         attrs["exploration"] = explored
-    return xr.Dataset(v, coords=coords, attrs={"ntrace": attrs})
+    return indexed(xr.Dataset(v, coords=coords, attrs={"ntrace": attrs}))
 

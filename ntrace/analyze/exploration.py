@@ -74,9 +74,8 @@ class Exploration:
         coords = {
             "snapshot_round": var("snapshot", self.snapshot_round, "training round of the "
                                   "snapshot"),
-            "unit_layer": var("unit", self.unit_layer, "layer of the hidden unit (position in "
-                              "layer_names of this variable)",
-                              layer_names=list(self.unit_layer_names)),
+            "unit_layer": var("unit", np.asarray(self.unit_layer_names, dtype=str)[
+                self.unit_layer], "layer of the hidden unit"),
             "unit_index": var("unit", self.unit_index, "neuron index within its layer"),
         }
         data: dict[str, xr.Variable] = {}

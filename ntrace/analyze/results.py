@@ -5,15 +5,19 @@ Dimensions: ``checkpoint`` (Taylor-round counts N at which optima were solved),
 network order), ``feature`` (entries of a neuron's augmented row: weights, then bias;
 NaN-padded across layers),
 ``snapshot``, ``probe``, ``unit`` and the ``*_rank`` dimensions of sorted exploration
-curves. Layers are referred to by position; their names are in the ``ntrace`` attribute
-(``layer_names``) and on each layer-indexed variable. Results live in their own store:
-writing never touches the trace.
+curves. The ``layer`` coordinate holds layer names (``sel(layer="fc2")``); ``neuron`` and
+``unit`` are indexed by (layer, index) pairs (``sel(neuron_layer="fc2")``,
+``sel(unit_layer="fc1", unit_index=3)``), built from the plain ``*_layer``/``*_index``
+coordinates stored on disk (Zarr stores no multi-index). The store is consolidated, so
+``xr.open_zarr`` opens it without warnings. Results live in their own store: writing never
+touches the trace.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +30,39 @@ from ntrace.format.limits import MAX_RESULTS_BYTES
 from ntrace.format.safe import cancel_on_error, one_line
 from ntrace.format.store import resolve_location, root_document
 
-RESULTS_VERSION = "1.0"
+RESULTS_VERSION = "1.1"  # 1.1: layer names as coordinates; consolidated
 CHUNK_BYTES = 2 << 20
 NODE = "analysis"
+PAIRS = {"neuron": ("neuron_layer", "neuron_index"), "unit": ("unit_layer", "unit_index")}
+
+
+def indexed(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with its ``neuron`` and ``unit`` axes indexed by (layer name, index) pairs."""
+    for dim, (layer, index) in PAIRS.items():
+        if layer in ds.coords and index in ds.coords and dim not in ds.xindexes:
+            ds = ds.set_xindex([layer, index])
+    return ds
+
+
+def _plain(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` without the multi-indexes of :func:`indexed` (what Zarr stores)."""
+    dims = [d for d in PAIRS if d in ds.xindexes]
+    return ds.reset_index(dims).drop_vars(dims, errors="ignore") if dims else ds
+
+
+def _names_of_positions(ds: xr.Dataset) -> xr.Dataset:
+    """Results 1.0 stored layers by position (names in attributes): give them names."""
+    names = np.asarray(ds.attrs["ntrace"].get("layer_names", []), dtype=str)
+    out = {}
+    if "layer" in ds.coords and ds["layer"].dtype.kind in "iu":
+        out["layer"] = ("layer", names[ds["layer"].values], ds["layer"].attrs)
+    if "neuron_layer" in ds.coords and ds["neuron_layer"].dtype.kind in "iu":
+        out["neuron_layer"] = ("neuron", names[ds["neuron_layer"].values],
+                               ds["neuron_layer"].attrs)
+    if "unit_layer" in ds.coords and ds["unit_layer"].dtype.kind in "iu":
+        units = np.asarray(ds["unit_layer"].attrs.get("layer_names", []), dtype=str)
+        out["unit_layer"] = ("unit", units[ds["unit_layer"].values], ds["unit_layer"].attrs)
+    return ds.assign_coords(out) if out else ds
 
 
 def over_sqrt(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -82,7 +116,14 @@ def write_results(ds: xr.Dataset, path: str | os.PathLike[str],
         shutil.rmtree(p)
     if not p.parent.exists():
         raise UsageError(f"cannot write results {p}: directory {p.parent} does not exist")
-    ds.to_zarr(p, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
+    ds = _plain(ds)
+    with warnings.catch_warnings():
+        # consolidated metadata (for plain xr.open_zarr) and fixed-length strings (layer
+        # names) are zarr-python's, not yet the Zarr v3 spec's; ntrace reads both
+        warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
+        warnings.filterwarnings("ignore", "The data type .* does not have a Zarr V3",
+                                category=FutureWarning)
+        ds.to_zarr(p, mode="w-", zarr_format=3, consolidated=True, encoding=_encoding(ds))
     return p
 
 
@@ -129,7 +170,7 @@ def open_results(path: str | os.PathLike[str]) -> xr.Dataset:
         raise InvalidTraceError(f"{p}: results version {version} is not readable by this "
                                 f"ntrace (reads {RESULTS_VERSION.split('.')[0]}.x); re-run "
                                 "'ntrace analyze'")
-    return ds
+    return indexed(_names_of_positions(ds))
 
 
 def layer_names(ds: xr.Dataset) -> list[str]:

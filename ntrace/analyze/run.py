@@ -18,6 +18,7 @@ from ntrace.analyze.plan import AnalysisPlan, make_plan
 from ntrace.analyze.results import check_output, write_results
 from ntrace.errors import UsageError
 from ntrace.format.reader import Trace, open_trace
+from ntrace.format.summary import batchnorm_note
 
 if TYPE_CHECKING:
     from ntrace.analyze.cluster import Cluster
@@ -67,6 +68,9 @@ def analyze_trace(path: str | os.PathLike[str], options: AnalysisOptions | None 
     if out is not None:
         check_output(out, trace.path)
     notes: list[str] = []
+    approximation = batchnorm_note(trace)
+    if approximation is not None:
+        notes.append(f"the Taylor data approximates {approximation}")
     hs, expl = _run(trace, plan, opts, path, cluster)
     assert hs is not None
     if opts.exploration and expl is None:

@@ -1,7 +1,8 @@
 """The ``ntrace`` command line: parse, call the library, render. Nothing else.
 
 Every :class:`~ntrace.errors.NtraceError` becomes one line on stderr and the exit code of
-its class (documented in the README); no traceback is shown, for user mistakes or otherwise.
+its class (the table in :mod:`ntrace.cli.exits`, listed by every ``--help`` and the README); no
+traceback is shown, for user mistakes or otherwise.
 Commands are imported when they are used (:data:`COMMANDS`), so an import error in one of
 them fails loudly when that command runs instead of removing it from ``ntrace --help``.
 """
@@ -18,12 +19,10 @@ from typing import Any, TypeVar
 import click
 
 from ntrace import __version__
+from ntrace.cli.exits import INTERNAL_ERROR, INTERRUPTED, OS_ERROR, OUT_OF_MEMORY, help_rows
 from ntrace.cli.text import visible
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-#: exit codes of failures that are not an :class:`~ntrace.errors.NtraceError`
-OS_ERROR, OUT_OF_MEMORY, INTERNAL_ERROR, INTERRUPTED = 11, 14, 15, 130
 
 #: command name → ``module:attribute`` of its click command, in the order ``--help`` lists them
 COMMANDS = {
@@ -35,6 +34,7 @@ COMMANDS = {
     "analyze": "ntrace.cli.analyze:analyze",
     "compare": "ntrace.cli.analyze:compare",
     "reproduce": "ntrace.cli.reproduce:reproduce",
+    "tasks": "ntrace.cli.record:tasks",
 }
 
 
@@ -97,7 +97,14 @@ class _UsageError(click.UsageError):
 
 
 class _OneLineUsage:
-    """Mixin: the usage errors of parsing become :class:`_UsageError`."""
+    """Mixin: the usage errors of parsing become :class:`_UsageError`; the help ends with
+    the exit codes."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)  # type: ignore[misc]
+        formatter.write_paragraph()
+        with formatter.section("Exit codes"):
+            formatter.write_dl(help_rows())
 
     def make_context(self, info_name: str | None, args: list[str],
                      parent: click.Context | None = None, **extra: Any) -> click.Context:

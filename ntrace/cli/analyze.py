@@ -94,8 +94,8 @@ def summary_table(ds: Any, title: str) -> Table:
                       _fmt(float(np.nanmax(ds.layer_gap.values[:, li])), ".1e"),
                       conv(ds.layer_status.values[:, li]))
     if "neuron_optimum" in ds:
-        for li, name in enumerate(names):
-            sel = ds.neuron_layer.values == li
+        for name in names:
+            sel = ds.neuron_layer.values == name
             if not sel.any():
                 continue
             e = ds.neuron_regret_exponent.values[sel]

@@ -62,5 +62,7 @@ def validate(trace: str, quick: bool) -> None:
         click.echo(f"valid: {visible(trace)} conforms to format {a.format_version}; "
                    f"{a.commit.rounds} rounds, {a.commit.taylor_rounds} Taylor rounds, "
                    f"{a.commit.snapshots} snapshots{note}")
+        for line in report.notes:
+            click.echo(visible(f"note: {line}"))
         return
     fail_with_reasons("invalid", trace, list(report.reasons))

@@ -72,6 +72,29 @@ class Neurons(click.ParamType):
         return k
 
 
+class Subset(click.ParamType):
+    """A comma-separated subset of a closed set of names (``sgd,adam``), as a tuple."""
+
+    name = "subset"
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = tuple(choices)
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[" + ",".join(self.choices) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        names = tuple(n.strip() for n in str(value).split(",") if n.strip())
+        odd = [n for n in names if n not in self.choices]
+        if odd or not names:
+            self.fail(f"{', '.join(map(repr, odd)) or repr(value)} is not a comma-separated "
+                      f"subset of {', '.join(self.choices)}", param, ctx)
+        return names
+
+
 class Checkpoints(click.ParamType):
     """A count of log-spaced checkpoints, or comma-separated Taylor-round counts."""
 

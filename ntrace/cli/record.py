@@ -58,6 +58,10 @@ from ntrace.tasks.runner import MAX_SEED, OPTIMIZERS
               help="MiB for one chunk of batched Jacobian products (graph models)")
 @click.option("--unsupported", type=click.Choice(["error", "warn", "skip"]), default="error",
               show_default=True, help="what to do with modules ntrace cannot interpret")
+@click.option("--batchnorm", type=click.Choice(["fixed-stats"]), default=None,
+              help="record BatchNorm in training mode with the batch statistics held fixed, "
+                   "an approximation whose gradient error is measured and stored [default: "
+                   "refuse it]")
 @click.option("--checkpoint-every", type=rounds(), default=None,
               help="rounds between resumable checkpoints [default: at the end of the first "
                    "epoch (or after 5 s), then at most one a minute, and one at the end]")
@@ -72,28 +76,31 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
            taylor_every: int | None, samples_per_round: int | None,
            neurons: str | int | None,
            probe_size: int | None, probe_every: int | None, max_jacobian_memory: int,
-           unsupported: str, checkpoint_every: int | None, resume: str | None,
-           list_tasks: bool,
+           unsupported: str, batchnorm: str | None, checkpoint_every: int | None,
+           resume: str | None, list_tasks: bool,
            command: tuple[str, ...]) -> None:
     """Train a built-in task and record its Taylor trace, or record an unmodified script:
     ``ntrace record [OPTIONS] -- python train.py [ARGS]`` (or ``-- python -m MODULE``)."""
     from ntrace.errors import UsageError
     from ntrace.format.summary import dir_bytes
-    from ntrace.tasks import TASKS, get_task
+    from ntrace.tasks import get_task
     from ntrace.tasks.runner import RunOptions, run_task
 
     console = Console(stderr=True)
     if list_tasks:
-        for t in TASKS.values():
-            click.echo(f"{t.name:22s} {t.description}")
+        _print_tasks()
         return
     if command:
         if task is not None:
             raise UsageError("give --task or a command after '--', not both")
         _record_command(list(command), out or "wrapped.zarr", overwrite, taylor_every,
                         samples_per_round, neurons, probe_size, probe_every,
-                        max_jacobian_memory, unsupported, console)
+                        max_jacobian_memory, unsupported, console,
+                        None if batchnorm is None else batchnorm.replace("-", "_"))
         return
+    if batchnorm is not None:
+        raise UsageError("--batchnorm applies to a recorded script (ntrace record --batchnorm "
+                         "fixed-stats -- python train.py); the built-in tasks have no BatchNorm")
     if resume is not None:
         from ntrace.tasks.resume import resume_options
 
@@ -132,6 +139,28 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
                   f"final loss {result.final_loss:.5f} → {markup(out)}")
 
 
+@click.command(cls=Command, short_help="List the built-in tasks and the data each needs.")
+@handle_errors
+def tasks() -> None:
+    """List the built-in tasks of ``ntrace record --task``: the data each needs (bundled, or
+    files under --data-dir), its loss and its training defaults."""
+    _print_tasks()
+
+
+def _print_tasks() -> None:
+    import textwrap
+
+    from ntrace.tasks import TASKS
+
+    for task in TASKS.values():
+        data = "data: files under --data-dir" if task.needs_data_dir else \
+            "data: bundled, no download"
+        click.echo(f"{task.name:20s} {data:30s} {task.loss}, batch {task.batch_size}, "
+                   f"{task.epochs} epochs")
+        click.echo(textwrap.fill(task.description, 88, initial_indent="    ",
+                                 subsequent_indent="    "))
+
+
 def _sampling(defaults: Any, taylor_every: int | None, samples_per_round: int | None,
               neurons: str | int | None) -> Any:
     """The sampling policy: the options given, the defaults for the rest."""
@@ -151,7 +180,7 @@ def _sampling(defaults: Any, taylor_every: int | None, samples_per_round: int | 
 def _record_command(command: list[str], out: str, overwrite: bool, taylor_every: int | None,
                     samples_per_round: int | None, neurons: str | int | None,
                     probe_size: int | None, probe_every: int | None, max_jacobian_memory: int,
-                    unsupported: str, console: Console) -> None:
+                    unsupported: str, console: Console, batchnorm: str | None = None) -> None:
     from ntrace.format.metadata import Sampling
     from ntrace.recording.wrap import WrapOptions, run_wrapped
 
@@ -160,7 +189,7 @@ def _record_command(command: list[str], out: str, overwrite: bool, taylor_every:
                        probe_size=256 if probe_size is None else probe_size,
                        probe_every=10 if probe_every is None else probe_every,
                        overwrite=overwrite, unsupported=unsupported,
-                       max_jacobian_memory=max_jacobian_memory << 20)
+                       max_jacobian_memory=max_jacobian_memory << 20, batchnorm=batchnorm)
     result = run_wrapped(command, opts)
     console.print(f"[green]recorded[/] {result.rounds} rounds of {markup(' '.join(command))} → "
                   f"{markup(out)}")

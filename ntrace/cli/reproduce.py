@@ -9,9 +9,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ntrace.cli import Command, handle_errors
-from ntrace.cli.options import DEVICE
+from ntrace.cli.options import DEVICE, Subset
 from ntrace.cli.progress import Bars
 from ntrace.cli.text import markup, plain
+from ntrace.reproduce.plan import OPTIMIZERS
 
 MAX_SEEDS = 100  # every seed is a full set of recorded and analysed runs
 
@@ -30,12 +31,13 @@ MAX_SEEDS = 100  # every seed is a full set of recorded and analysed runs
               help="seeds per task and optimizer at the chosen learning rate (bands over "
                    f"seeds), at most {MAX_SEEDS}")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
-@click.option("--optimizers", default="sgd,rmsprop,adam", show_default=True,
-              help="comma-separated subset (must include sgd)")
+@click.option("--optimizers", type=Subset(OPTIMIZERS), default="sgd,rmsprop,adam",
+              show_default=True,
+              help="optimizers to compare (must include sgd)")
 @click.option("--no-figures", is_flag=True, help="report without figures")
 @handle_errors
 def reproduce(out: str, scale: str, data_dir: str | None, seeds: int, device: str,
-              optimizers: str, no_figures: bool) -> None:
+              optimizers: tuple[str, ...], no_figures: bool) -> None:
     """Reproduce Sec. 2.4 and 3.3 of Balduzzi et al. (ICML 2017): the autoencoder and the
     convnet trained with SGD, RMSProp and Adam (learning rates from a recorded sweep),
     traced, analysed, and each claim of the paper judged in OUT/report.md and report.html."""
@@ -44,8 +46,7 @@ def reproduce(out: str, scale: str, data_dir: str | None, seeds: int, device: st
     from ntrace.tasks.runner import resolve_device
 
     resolve_device(device)
-    plan = make_plan(scale, data_dir, seeds, device,
-                     tuple(o.strip() for o in optimizers.split(",") if o.strip()))
+    plan = make_plan(scale, data_dir, seeds, device, optimizers)
     console = Console(stderr=True)
     with Bars(console, outer="jobs",
               describe=lambda p: p.label if p.stage == "jobs" else f"  {p.label}") as bars:

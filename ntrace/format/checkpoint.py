@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from zarr.api.asynchronous import create_array
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
@@ -52,15 +53,15 @@ def write_checkpoint(root: Any, slot: str, ck: Checkpoint) -> None:
     for name, value in ck.arrays.items():
         if not NAME.match(name):
             raise ValueError(f"checkpoint array name {name!r} must match {NAME.pattern}")
-        values[name] = np.ascontiguousarray(value)
+        values[name] = np.require(value, requirements="C")  # keeps 0-d arrays 0-d
     sync(_write_all(group, values))  # all arrays concurrently: per-array latency dominates
 
 
 async def _write_all(group: Any, values: dict[str, np.ndarray]) -> None:
     async def one(name: str, v: np.ndarray) -> None:
         dims = tuple(f"{name}:{i}" for i in range(v.ndim))  # own dims: arrays never align
-        arr = await group._async_group.create_array(
-            name, shape=v.shape, dtype=v.dtype, dimension_names=dims,
+        arr = await create_array(
+            group.store_path, name=name, shape=v.shape, dtype=v.dtype, dimension_names=dims,
             chunks=v.shape if v.ndim else (),
             compressors=(BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),
                          Crc32cCodec()))

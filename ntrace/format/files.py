@@ -260,8 +260,6 @@ class TraceDirStore(LocalStore):
     async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
         import asyncio
 
-        if not self._is_open:
-            await self._open()
         data = await asyncio.to_thread(self.read, key, self.max_object, byte_range)
         if data is None:
             return None
@@ -311,6 +309,10 @@ class TraceDirStore(LocalStore):
                 raise refused(f"{prefix.strip('/')}/{entry.name}".lstrip("/"), mode)
             yield entry.name
 
-    async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
+    async def set(self, key: str, value: Any) -> None:
         check_parents(self.root, key)
-        await super()._set(key, value, exclusive)
+        await super().set(key, value)
+
+    async def set_if_not_exists(self, key: str, value: Any) -> None:
+        check_parents(self.root, key)
+        await super().set_if_not_exists(key, value)

@@ -111,6 +111,8 @@ def layer_arrays(attrs: TraceAttrs, layer: LayerAttrs, tracked: int) -> list[Arr
         if act.kind == "prelu":
             out.append(ArrayLayout(f"{g}/slope", (TAYLOR, "slope"), "float32",
                                    (int(act.num_parameters or 1),)))
+    if attrs.batchnorm is not None:  # 1.3: the measured error of the approximation
+        out.append(ArrayLayout(f"{g}/gradient_error", (TAYLOR,), "float32", ()))
     return out
 
 

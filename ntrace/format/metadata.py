@@ -29,6 +29,7 @@ MODULE_KINDS = ("maxpool", "dropout")
 STATUSES = ("running", "complete", "aborted")
 SAMPLE_POLICIES = ("first",)
 JACOBIAN_KINDS = ("stored", "identity")
+BATCHNORM_APPROXIMATIONS = ("fixed_stats",)  # 1.3: how training-mode BatchNorm is recorded
 
 
 def _fail(where: str, message: str) -> InvalidTraceError:
@@ -259,10 +260,11 @@ class TraceAttrs:
     created: str = ""
     producer: Mapping[str, Any] = field(default_factory=dict)
     run: Mapping[str, Any] = field(default_factory=dict)
+    batchnorm: BatchNormApprox | None = None  # 1.3: training-mode BatchNorm, approximated
     format_version: str = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format_version": self.format_version,
             "node": "trace",
             "status": self.status,
@@ -279,6 +281,9 @@ class TraceAttrs:
             "commit": self.commit.to_dict(),
             "checkpoint": None if self.checkpoint is None else dict(self.checkpoint),
         }
+        if self.batchnorm is not None:
+            out["batchnorm"] = self.batchnorm.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: object, where: str = "root attributes 'ntrace'") -> TraceAttrs:
@@ -313,7 +318,34 @@ class TraceAttrs:
             output_size=parse_int(_req(d, "output_size", where), f"{where}.output_size", 1),
             commit=Commit.from_dict(_req(d, "commit", where), f"{where}.commit"),
             checkpoint=_parse_checkpoint(d.get("checkpoint"), f"{where}.checkpoint"),
+            batchnorm=None if d.get("batchnorm") is None else BatchNormApprox.from_dict(
+                d["batchnorm"], f"{where}.batchnorm"),
         )
+
+
+@dataclass(frozen=True)
+class BatchNormApprox:
+    """How the trace treats BatchNorm modules in training mode (1.3, spec 'BatchNorm in
+    training mode'): ``approximation`` ``fixed_stats`` = each sample's Taylor data is taken
+    with the statistics of its training batch held constant; ``modules`` names them. Every
+    tracked layer then stores ``gradient_error``, the measured cost of the approximation."""
+
+    modules: tuple[str, ...]
+    approximation: str = "fixed_stats"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"approximation": self.approximation, "modules": list(self.modules)}
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "batchnorm") -> BatchNormApprox:
+        d = parse_mapping(data, where)
+        raw = _req(d, "modules", where)
+        if not isinstance(raw, list | tuple) or not raw:
+            raise _fail(f"{where}.modules", "expected a non-empty list of module names")
+        return cls(approximation=parse_str(_req(d, "approximation", where),
+                                           f"{where}.approximation", BATCHNORM_APPROXIMATIONS),
+                   modules=tuple(parse_str(n, f"{where}.modules[{i}]")
+                                 for i, n in enumerate(raw)))
 
 
 def _parse_checkpoint(data: object, where: str) -> Mapping[str, Any] | None:

@@ -81,13 +81,47 @@ class Trace:
     def read(self, path: str, rows: slice | int | np.ndarray | None = None) -> np.ndarray:
         """Read committed rows of an array (all committed rows when ``rows`` is None); a chunk
         that does not decode raises ``InvalidTraceError`` naming the array and rows."""
+        return self._decoded(path, rows, lambda: self._read(path, rows))
+
+    def select(self, path: str, key: tuple[Any, ...]) -> np.ndarray:
+        """An outer selection of the committed part of ``path``: one int, slice or 1-d
+        integer array per axis, indexing the shape :meth:`shape` gives (xarray's lazy
+        arrays read through this)."""
+        return self._decoded(path, key[0] if key else None, lambda: self._select(path, key))
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        """The shape of ``path`` a reader sees: committed rows only along an append axis."""
+        lay = self.layouts[path]
+        return lay.shape(self.committed(lay.append_dim))
+
+    def _decoded(self, path: str, rows: object, read: Any) -> np.ndarray:
         try:
             with cancel_on_error():
-                return self._read(path, rows)
+                return read()
         except (NtraceError, IndexError, MemoryError):
             raise
         except Exception as exc:  # a checksum mismatch, a truncated or undecodable chunk
             raise unreadable(path, rows, exc) from exc
+
+    def _select(self, path: str, key: tuple[Any, ...]) -> np.ndarray:
+        arr = self.zarr_array(path)
+        shape = self.shape(path)
+        if not shape:
+            return np.asarray(arr[...])
+        if len(key) != len(shape):
+            raise IndexError(f"{path}: {len(key)} indices for {len(shape)} axes")
+        parts: list[Any] = []
+        for k, n in zip(key, shape, strict=True):
+            if isinstance(k, slice):
+                start, stop, step = k.indices(n)
+                parts.append(slice(start, max(start, stop), step) if step > 0 else
+                             np.arange(start, stop, step))
+                continue
+            idx = np.asarray(k)
+            if idx.size and (idx.min() < -n or idx.max() >= n):
+                raise IndexError(f"{path}: index out of the {n} rows a reader may use")
+            parts.append(int(idx) % n if idx.ndim == 0 else idx % n)
+        return np.asarray(arr.oindex[tuple(parts)])
 
     def length(self, path: str) -> int | None:
         """Rows a reader may use along the first axis of ``path``: the committed count of an
@@ -407,10 +441,12 @@ def _check_arrays(root: Any, attrs: TraceAttrs, layouts: Mapping[str, L.ArrayLay
     return reasons
 
 
-def open_trace(path: str | os.PathLike[str]) -> Trace:
+def open_trace(path: str | os.PathLike[str],
+               storage_options: dict[str, Any] | None = None) -> Trace:
     """Open a trace for reading: a directory, a ``.zip`` from ``ntrace pack`` or an fsspec
-    URL (``ntrace.format.store``); refuse a non-conforming one with every reason found."""
-    loc, root = open_location(path, "r")
+    URL (``ntrace.format.store``; ``storage_options`` go to fsspec); refuse a
+    non-conforming one with every reason found."""
+    loc, root = open_location(path, "r", storage_options)
     p = loc.path
     try:
         s = load_structure(root, loc.text)

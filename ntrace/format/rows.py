@@ -32,6 +32,7 @@ class LayerRound:
     mask: Array | None = None  # (s, neuron): a > threshold (packed on disk)
     mask_high: Array | None = None  # hardtanh only: a >= max_val (packed on disk)
     slope: Array | None = None  # prelu only: (num_parameters,)
+    gradient_error: Array | None = None  # () BatchNorm approximation only (spec 3.4)
 
     def map(self, fn: Callable[[str, Array], Array]) -> LayerRound:
         """The same record with ``fn(field, value)`` applied to every field that is given."""
@@ -40,7 +41,8 @@ class LayerRound:
 
 
 # the arrays of ``layers/<name>/`` a LayerRound becomes (spec section 3.2), one per field
-LAYER_FIELDS = ("weight", "bias", "input", "jacobian", "mask", "mask_high", "slope")
+LAYER_FIELDS = ("weight", "bias", "input", "jacobian", "mask", "mask_high", "slope",
+                "gradient_error")
 PACKED_FIELDS = frozenset({"mask", "mask_high"})  # bit-packed on disk (spec section 4)
 
 

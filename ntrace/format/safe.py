@@ -94,6 +94,7 @@ class GuardedStore(WrapperStore[Any]):
 
     def __init__(self, store: Any, where: str = "") -> None:
         super().__init__(store)
+        self.inner = store  # the wrapped store (zarr keeps its own reference privately)
         self.where = where or str(store)
         self.documents: dict[str, dict[str, Any]] = {}
         self._arrays: dict[str, limits.ChunkSpec] = {}
@@ -105,10 +106,10 @@ class GuardedStore(WrapperStore[Any]):
         return new
 
     def __str__(self) -> str:
-        return str(self._store)
+        return str(self.inner)
 
     def __repr__(self) -> str:
-        return f"GuardedStore({self._store!r})"
+        return f"GuardedStore({self.inner!r})"
 
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
         if key.endswith(PARTIAL):
@@ -161,7 +162,7 @@ class GuardedStore(WrapperStore[Any]):
 
     async def _inner_get(self, key: str, prototype: Any, byte_range: Any) -> Any:
         try:
-            return await self._store.get(key, prototype, byte_range)
+            return await self.inner.get(key, prototype, byte_range)
         except NtraceError:
             raise
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
@@ -216,21 +217,21 @@ class GuardedStore(WrapperStore[Any]):
             yield key, await self.get(key, prototype, byte_range)
 
     async def exists(self, key: str) -> bool:
-        return not key.endswith(PARTIAL) and not _escapes(key) and await self._store.exists(key)
+        return not key.endswith(PARTIAL) and not _escapes(key) and await self.inner.exists(key)
 
     async def list(self) -> AsyncIterator[str]:  # type: ignore[override]
-        async for key in self._store.list():
+        async for key in self.inner.list():
             if not key.endswith(PARTIAL) and key != MANIFEST:
                 yield key
 
     async def list_prefix(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
-        async for key in self._store.list_prefix(prefix):
+        async for key in self.inner.list_prefix(prefix):
             if not key.endswith(PARTIAL) and key != MANIFEST:
                 yield key
 
     async def list_dir(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
         top = not prefix.strip("/")
-        async for key in self._store.list_dir(prefix):
+        async for key in self.inner.list_dir(prefix):
             if not key.endswith(PARTIAL) and not (top and key == MANIFEST):
                 yield key
 
@@ -246,21 +247,34 @@ def document(store: Any, path: str) -> dict[str, Any] | None:
     return None if buf is None else parse_document(key, buf.to_bytes())
 
 
-class SafeGroup(zarr.Group):
-    """A zarr group whose members fail with a one-line ``InvalidTraceError`` naming their
-    ``zarr.json`` when their metadata cannot be read; a missing member is a ``KeyError``."""
+class SafeGroup:
+    """A zarr group (``group``; every other attribute is the group's) whose members fail
+    with a one-line ``InvalidTraceError`` naming their ``zarr.json`` when their metadata cannot
+    be read; a missing member is a ``KeyError``. Member groups are SafeGroups too."""
+
+    def __init__(self, group: zarr.Group) -> None:
+        self.group = group
 
     @classmethod
-    def wrap(cls, group: zarr.Group) -> SafeGroup:
-        return group if isinstance(group, SafeGroup) else cls(group._async_group)
+    def wrap(cls, group: zarr.Group | SafeGroup) -> SafeGroup:
+        return group if isinstance(group, SafeGroup) else cls(group)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.group, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.group)
+
+    def __repr__(self) -> str:
+        return f"SafeGroup({self.group!r})"
 
     def _where(self, path: str) -> str:
-        base = self._async_group.path
+        base = self.group.path
         return document_key(f"{base}/{path}" if base else path)
 
     def __getitem__(self, path: str) -> Any:
         try:
-            obj = super().__getitem__(path)
+            obj = self.group[path]
         except (KeyError, NtraceError):
             raise
         except MemoryError:
@@ -268,7 +282,7 @@ class SafeGroup(zarr.Group):
         except Exception as exc:
             raise InvalidTraceError(f"{self._where(path)}: unreadable metadata "
                                     f"({one_line(exc)})") from exc
-        return SafeGroup(obj._async_group) if isinstance(obj, zarr.Group) else obj
+        return SafeGroup(obj) if isinstance(obj, zarr.Group) else obj
 
     def __contains__(self, member: object) -> bool:
         try:
@@ -305,15 +319,19 @@ async def _cancel(tasks: weakref.WeakSet[Any]) -> None:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
+async def _running_loop() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()
+
+
 @contextmanager
 def cancel_on_error() -> Iterator[None]:
     """Run zarr's synchronous calls inside this block so that when one fails (a chunk that
     does not decode, a refused key), the tasks it left pending on zarr's event loop (one per
     chunk of a large read) are cancelled and awaited before the error propagates: no work
     continues after it and no "Task was destroyed but it is pending" lines follow it."""
-    from zarr.core.sync import _get_loop, sync
+    from zarr.core.sync import sync
 
-    loop = _get_loop()
+    loop = sync(_running_loop())  # zarr's event loop, the one its synchronous calls use
     factory = loop.get_task_factory()
     if not getattr(factory, "ntrace", False):
         loop.set_task_factory(_task_factory(factory))

@@ -25,6 +25,7 @@ import shutil
 import struct
 import uuid
 import zipfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,7 @@ class Location:
     kind: str
     path: Path
     store: GuardedStore
+    closers: tuple[Any, ...] = ()  # what else to close: the archive of a zip URL
 
     @property
     def local(self) -> bool:
@@ -157,10 +159,11 @@ class Location:
         return self.text
 
     def close(self) -> None:
-        try:
-            self.store.close()
-        except Exception:  # noqa: BLE001 - closing a read-only store never matters
-            pass
+        for close in (self.store.close, *self.closers):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - closing a read-only store never matters
+                pass
 
 
 def resolve_location(location: str | os.PathLike[str], mode: str = "r",
@@ -212,8 +215,7 @@ def _local(p: Path, text: str, mode: str) -> Location:
         if limits.DOCUMENT not in names:
             raise TraceNotFoundError(f"no trace in {text}: the zip holds no zarr.json at its "
                                      "root (make packed traces with `ntrace pack`)")
-        zipped = zarr.storage.ZipStore(p, mode="r")
-        zipped._sync_open()
+        zipped = sync(zarr.storage.ZipStore.open(p, mode="r"))
         return Location(text, "zip", p, GuardedStore(zipped, text))
     fd = files.open_file(p, limits.DOCUMENT)  # refuses a link, FIFO or device
     if fd is None:
@@ -226,48 +228,64 @@ def _local(p: Path, text: str, mode: str) -> Location:
     return Location(text, "dir", p, GuardedStore(store, text))
 
 
-class _FileZipStore(zarr.storage.ZipStore):
-    """A read-only ``ZipStore`` over an already open binary file (an fsspec file)."""
+def _zip_store(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, Any]:
+    """A read-only store over the zip archive at ``url``: fsspec's ``zip::`` filesystem
+    behind zarr's public ``FsspecStore``, after the member checks of ``ntrace pack`` archives."""
+    import fsspec
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
-    def __init__(self, fileobj: Any, name: str) -> None:
-        super().__init__(Path(name), mode="r")
-        self._fileobj = fileobj
+    fs = fsspec.filesystem("zip", fo=url, target_options=storage_options or {})
+    try:
+        limits.check_zip_members(fs.zip.infolist(), url)
+        names = set(fs.zip.namelist())
+        if limits.DOCUMENT not in names:
+            raise TraceNotFoundError(f"no trace in {url}: the zip holds no zarr.json at its "
+                                     "root (make packed traces with `ntrace pack`)")
+    except BaseException:
+        fs.close()
+        raise
+    store = _ArchiveStore(AsyncFileSystemWrapper(fs, asynchronous=True), read_only=True,
+                          path="")
+    return store, fs.close
 
-    def _sync_open(self) -> None:
-        import threading
 
-        if self._is_open:
-            raise ValueError("store is already open")
-        self._lock = threading.RLock()
-        self._zf = zipfile.ZipFile(self._fileobj, mode="r")
-        self._is_open = True
+class _ArchiveStore(zarr.storage.FsspecStore):
+    """An ``FsspecStore`` at the root of an archive filesystem (``path=''``), whose
+    ``list_dir`` zarr would ask for ``/<prefix>`` (a path the zip filesystem lists as its
+    own name)."""
 
-    def close(self) -> None:
-        super().close()
-        self._fileobj.close()
+    async def list_dir(self, prefix: str) -> AsyncIterator[str]:
+        prefix = prefix.strip("/")
+        try:
+            found = await self.fs._ls(prefix, detail=False)
+        except FileNotFoundError:
+            return
+        for name in found:
+            name = name.strip("/")
+            yield name[len(prefix) + 1:] if prefix and name.startswith(prefix + "/") else name
+
 
 
 def _remote(url: str, storage_options: dict[str, Any] | None) -> Location:
+    closers: list[Any] = []
     try:
-        import fsspec
+        return _open_remote(url, storage_options, closers)
+    except BaseException:
+        for close in closers:
+            close()
+        raise
+
+
+def _open_remote(url: str, storage_options: dict[str, Any] | None,
+                 closers: list[Any]) -> Location:
+    try:
+        import fsspec  # noqa: F401 - present, or the one-line error below
     except ImportError as exc:
         raise UsageError(f"reading {url} needs fsspec: pip install fsspec") from exc
     try:
         if url.rstrip("/").endswith(".zip"):
-            f = fsspec.open(url, "rb", **(storage_options or {})).open()
-            try:
-                zf = zipfile.ZipFile(f)
-                limits.check_zip_members(zf.infolist(), url)
-                names = set(zf.namelist())
-            except BaseException:
-                f.close()
-                raise
-            if limits.DOCUMENT not in names:
-                f.close()
-                raise TraceNotFoundError(f"no trace in {url}: the zip holds no zarr.json at "
-                                         "its root (make packed traces with `ntrace pack`)")
-            store: Any = _FileZipStore(f, url)
-            store._sync_open()
+            store, closer = _zip_store(url, storage_options)
+            closers.append(closer)
             kind = "url"
         else:
             store = zarr.storage.FsspecStore.from_url(url, storage_options=storage_options,
@@ -289,7 +307,7 @@ def _remote(url: str, storage_options: dict[str, Any] | None) -> Location:
         raise UsageError(f"cannot read {url}: {one_line(exc)}") from exc
     except OSError as exc:
         raise TraceNotFoundError(f"cannot read {url}: {one_line(exc)}") from exc
-    return Location(url, kind, Path(url), guarded)
+    return Location(url, kind, Path(url), guarded, tuple(closers))
 
 
 def open_location(location: str | os.PathLike[str], mode: str = "r",
@@ -323,18 +341,29 @@ def stored_bytes(store: Any, prefix: str = "") -> int:
                if not prefix or key == prefix or key.startswith(prefix + "/"))
 
 
+def _zip_members(store: Any) -> list[zipfile.ZipInfo] | None:
+    """The members of the zip archive behind ``store`` (None when it is none): the file of a
+    local ``ZipStore``, or the archive of fsspec's ``zip`` filesystem."""
+    if isinstance(store, zarr.storage.ZipStore):
+        with zipfile.ZipFile(store.path) as zf:
+            return zf.infolist()
+    fs = getattr(store, "fs", None)
+    fs = getattr(fs, "sync_fs", fs)  # an AsyncFileSystemWrapper's wrapped filesystem
+    archive = getattr(fs, "zip", None)
+    return archive.infolist() if isinstance(archive, zipfile.ZipFile) else None
+
+
 def stored_sizes(store: Any, prefix: str = "") -> dict[str, int]:
     """Stored bytes of every key under ``prefix`` in one listing, ``*.partial`` files
     excluded (see :func:`stored_bytes`); a directory holding a link, FIFO or device is
     refused."""
-    inner = store._store if isinstance(store, GuardedStore) else store
+    inner = store.inner if isinstance(store, GuardedStore) else store
     prefix = prefix.strip("/")
     if isinstance(inner, files.TraceDirStore):
         return {k: n for k, n in files.files(inner.root, prefix) if not k.endswith(PARTIAL)}
-    if isinstance(inner, zarr.storage.ZipStore):
-        if not inner._is_open:
-            inner._sync_open()
-        return {i.filename: i.compress_size for i in inner._zf.infolist()
+    members = _zip_members(inner)
+    if members is not None:
+        return {i.filename: i.compress_size for i in members
                 if i.filename.startswith(prefix) and not i.filename.endswith(PARTIAL)}
 
     async def sizes() -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""What ``ntrace info`` shows, computed from metadata and stored sizes (no array data).
+"""What ``ntrace info`` shows, computed from metadata and stored sizes (no array data but the
+per-round gradient errors of a BatchNorm approximation, one number per layer and round).
 
 Works on every location ``open_trace`` accepts (directory, ``.zip``, fsspec URL); sizes are
 those of the stored objects, ``*.partial`` files excluded.
@@ -76,7 +77,7 @@ def _summarize(tr: Trace) -> Summary:
     model = _obj(run.get("model"))
     s = Summary()
     status = a.status + (f" ({a.status_reason})" if a.status_reason else "")
-    s.header = [
+    header = [
         ("trace", str(tr.location or tr.path)),
         ("format", f"{a.format_version} (status {status})"),
         ("task", str(run.get("task") or "—")),
@@ -92,6 +93,8 @@ def _summarize(tr: Trace) -> Summary:
         ("created", f"{a.created} by ntrace {a.producer.get('ntrace', '?')}, torch "
                     f"{a.producer.get('torch', '?')} on {a.producer.get('device', '?')}"),
     ]
+    note = batchnorm_note(tr)
+    s.header = header + ([("approximation", note)] if note else [])
     for name, la in tr.layers.items():
         s.layers.append((name, la.kind, f"{la.out_features}×{la.in_features}"
                          + ("+b" if la.bias else ""), la.activation.kind,
@@ -119,3 +122,23 @@ def _summarize(tr: Trace) -> Summary:
             s.activations += int(np.prod(shape[:-1])) * units
     s.stored = sum(listing.values())
     return s
+
+
+def batchnorm_note(tr: Trace) -> str | None:
+    """One line on the trace's BatchNorm approximation (spec 'BatchNorm in training mode') and
+    the gradient error it measured, from the committed rows; None for exact Taylor data."""
+    bn = tr.attrs.batchnorm
+    if bn is None:
+        return None
+    what = (f"BatchNorm in training mode ({len(bn.modules)} modules) with the batch statistics "
+            "held fixed")
+    worst: tuple[float, float, str] | None = None  # (max, median, layer) of the worst layer
+    for name in tr.layers:
+        e = tr.read(f"layers/{name}/gradient_error")
+        if e.size and (worst is None or float(np.max(e)) > worst[0]):
+            worst = (float(np.max(e)), float(np.median(e)), name)
+    if worst is None:
+        return f"{what}; no Taylor round committed yet"
+    return (f"{what}: the Taylor gradient differs from autograd's by up to {worst[0]:.3g} "
+            f"(relative; median {worst[1]:.3g}, layer {worst[2]}) over {tr.taylor_rounds} "
+            "Taylor rounds (layers/*/gradient_error)")

@@ -28,6 +28,7 @@ from ntrace.format.metadata import (
 )
 from ntrace.format.reader import Trace, load_structure
 from ntrace.format.store import Location, open_location
+from ntrace.format.summary import batchnorm_note
 from ntrace.progress import OnProgress, Progress
 
 SAMPLE_LOSS_RTOL = 1e-4
@@ -44,6 +45,7 @@ class ValidationReport:
     reasons: list[str] = field(default_factory=list)
     attrs: TraceAttrs | None = None
     checked_rows: int = 0
+    notes: list[str] = field(default_factory=list)  # facts to show, not violations
 
     @property
     def ok(self) -> bool:
@@ -98,6 +100,8 @@ def _validate(report: ValidationReport, loc: Location, root: Any, deep: bool,
     if deep:
         try:
             _check_data(trace, report, progress)
+            note = None if report.reasons else batchnorm_note(trace)
+            report.notes += [note] if note else []
         except NtraceError as exc:  # includes a chunk that does not decode (see _Reader)
             report.reasons.append(str(exc))
         except Exception as exc:  # a last resort: report, never crash the validator
@@ -302,6 +306,11 @@ def _check_layer_row(tr: Trace, read: _Reader, t: int, names: list[str], i: int,
     x, w = arrays["input"], arrays["weight"]
     if la.kind == "embedding" and (x.min(initial=0) < 0 or x.max(initial=0) >= w.shape[0]):
         r.append(f"{g}/input: index outside [0, {w.shape[0]}) in Taylor round {t}")
+    if tr.has(f"{g}/gradient_error"):  # +inf allowed: the true gradient is zero (spec 3.4)
+        err = read(f"{g}/gradient_error", t)
+        if np.isnan(err) or err < 0:
+            r.append(f"{g}/gradient_error: {float(err)} in Taylor round {t} is not a relative "
+                     "error (a number >= 0)")
     masks = {k: read(f"{g}/{k}", t) for k in ("mask", "mask_high") if tr.has(f"{g}/{k}")}
     for key, packed in masks.items():
         if not pad_bits_clear(packed, units):

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 import zarr
 import zarr.storage
+from zarr.api.asynchronous import create_array
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
@@ -56,6 +57,7 @@ from ntrace.format.metadata import (
 )
 from ntrace.format.rows import LayerRound, ProbeSetup, Snapshot, TaylorRound
 from ntrace.format.store import prepare_output, publish, staging_dir
+from ntrace.format.variables import stored_attrs
 
 __all__ = ["Coordinator", "LayerRound", "ProbeSetup", "Snapshot", "TaylorRound", "TraceWriter"]
 
@@ -276,7 +278,7 @@ class TraceWriter:
             root.create_group("probe", attributes={ATTR_KEY: pr.units.to_dict()})
             layouts += L.probe_arrays(len(pr.sample_index), pr.input.shape[1], pr.units.total)
         specs = [self._array_spec(lay) for lay in layouts]
-        made = sync(_gather([root._async_group.create_array(**spec) for spec in specs]))
+        made = sync(_gather([create_array(root.store_path, **spec) for spec in specs]))
         for lay, arr in zip(layouts, made, strict=True):
             self._keep(lay.path, lay, zarr.Array(arr))
         for name, t in self._tracked.items():
@@ -303,7 +305,7 @@ class TraceWriter:
         return dict(name=lay.path, shape=shape, chunks=tuple(max(c, 1) for c in chunks),
                     dtype=lay.dtype, fill_value=_fill(lay.dtype),
                     compressors=_compressors(), dimension_names=lay.dims,
-                    config=EVERY_CHUNK)
+                    attributes=stored_attrs(lay), config=EVERY_CHUNK)
 
     def _local_tail(self, lay: L.ArrayLayout) -> tuple[int, ...]:
         """The row shape this process writes: its block of the sample axis (spec §6.2)."""

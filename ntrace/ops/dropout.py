@@ -31,8 +31,10 @@ class Dropout(StateOp):
     def replay(cls, module: nn.Module, x: torch.Tensor, y: torch.Tensor
                ) -> Callable[..., torch.Tensor] | None:
         x, y = x.detach(), y.detach()
-        keep_scale = torch.where(x != 0, y / torch.where(x != 0, x, torch.ones_like(x)),
-                                 torch.zeros_like(x))
+        # the exact 1/(1-p) on kept units, not y/x: under autocast that ratio is rounded
+        scale = 1.0 / (1.0 - module.p) if module.p < 1 else 0.0
+        kept = (x != 0) & (y != 0)
+        keep_scale = kept.to(torch.promote_types(x.dtype, torch.float32)) * scale
 
         def hook(mod: nn.Module, a: Any, o: torch.Tensor) -> torch.Tensor:
             return a[0] * keep_scale

@@ -71,8 +71,9 @@ def _neuron_panel(ax: Axes, dss: Sequence[xr.Dataset], labels: Sequence[str]) ->
             layers = ds.neuron_layer.values
             names = _names(ds)
             cols = _colors(len(names))
-            for li in np.unique(layers):
-                _band(ax, x, y[:, layers == li], cols[li], names[li])
+            for li, name in enumerate(names):
+                if (layers == name).any():
+                    _band(ax, x, y[:, layers == name], cols[li], name)
         else:
             _band(ax, x, y, _colors(len(dss))[k], labels[k])
     _log(ax, "x")

@@ -7,7 +7,9 @@ unit, ``n`` neuron (feature or channel), ``*q`` output positions. Pre-activation
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ from torch import nn
 from ntrace import ops
 from ntrace.format.rows import LayerRound
 from ntrace.ops.dropout import dropout_off
+from ntrace.recording.batchnorm import BatchNormGuard, gradients, parameters, relative_error
 from ntrace.recording.graph_jacobian import choose_modes, jacobian_forward, jacobians_reverse
 from ntrace.recording.jacobian import jacobians_recursive
 from ntrace.recording.structure import CallLog, Structure, Watcher
@@ -31,8 +34,10 @@ class Extractor:
     """Turns a logged forward into the tensors of a Taylor round or a probe snapshot."""
 
     def __init__(self, model: nn.Module, structure: Structure, tracked: dict[str, torch.Tensor],
-                 samples: int, watcher: Watcher, max_bytes: int, mode: str = "auto") -> None:
+                 samples: int, watcher: Watcher, max_bytes: int, mode: str = "auto",
+                 batchnorm: BatchNormGuard | None = None) -> None:
         self.model = model
+        self.batchnorm = batchnorm or BatchNormGuard(model)
         self.structure = structure
         self.tracked = tracked
         self.s = samples
@@ -72,18 +77,34 @@ class Extractor:
                                       None if slope is None else slope.reshape(-1))
         return out
 
-    def _graph_jacobians(self, log: CallLog) -> dict[str, torch.Tensor | None]:
-        st = self.structure
-        s = self.s
+    @contextlib.contextmanager
+    def _extra_forward(self, log: CallLog, n: int, batchnorm: contextlib.AbstractContextManager
+                       ) -> Iterator[Callable[[], torch.Tensor]]:
+        """``run()``: the model's forward of the first ``n`` samples of the logged minibatch,
+        returning (n, p), with the training call's dropout masks replayed, the RNG untouched,
+        the watcher paused and BatchNorm run as ``batchnorm`` says."""
         b = log.output.shape[0]
-        args = tuple(_slice(a, b, s) for a in log.args)
-        kwargs = {k: _slice(v, b, s) for k, v in log.kwargs.items()}
-        replay = self._replay(log)
+        args = tuple(_slice(a, b, n) for a in log.args)
+        kwargs = {k: _slice(v, b, n) for k, v in log.kwargs.items()}
         p = log.output.shape[1]
 
         def run() -> torch.Tensor:
-            return self.model(*args, **kwargs).reshape(s, p)
+            return self.model(*args, **kwargs).reshape(n, p)
 
+        handles = [m.register_forward_hook(h) for m, h in self._replay(log, n)]
+        self.watcher.paused = True
+        try:
+            with dropout_off(self.model), batchnorm:
+                yield run
+        finally:
+            self.watcher.paused = False
+            for h in handles:
+                h.remove()
+
+    def _graph_jacobians(self, log: CallLog) -> dict[str, torch.Tensor | None]:
+        st = self.structure
+        s = self.s
+        p = log.output.shape[1]
         wanted = [la for la in st.layers
                   if not (st.identity_output and la is st.layers[-1])]
         units = {la.name: len(self.tracked[la.name]) * max(1, math.prod(la.geometry.positions))
@@ -91,32 +112,40 @@ class Extractor:
         modes = choose_modes(p, units) if self.mode == "auto" else \
             {n: self.mode for n in units}
         out: dict[str, torch.Tensor | None] = {la.name: None for la in st.layers}
-        handles = [m.register_forward_hook(h) for m, h in replay]
-        self.watcher.paused = True
-        try:
-            with dropout_off(self.model):
-                last = frozenset(la.name for la in wanted if la.op.neuron_last)
-                rev = {la.name: la.module for la in wanted if modes[la.name] == "reverse"}
-                if rev:
-                    out.update(jacobians_reverse(run, rev, self.tracked, self.max_bytes, last))
-                for la in wanted:
-                    if modes[la.name] == "forward":
-                        out[la.name] = jacobian_forward(run, la.module, self.tracked[la.name], s,
-                                                        la.geometry.output_shape, self.max_bytes,
-                                                        la.name in last)
-        finally:
-            self.watcher.paused = False
-            for h in handles:
-                h.remove()
+        with self._extra_forward(log, s, self.batchnorm.fixed(log.calls)) as run:
+            last = frozenset(la.name for la in wanted if la.op.neuron_last)
+            rev = {la.name: la.module for la in wanted if modes[la.name] == "reverse"}
+            if rev:
+                out.update(jacobians_reverse(run, rev, self.tracked, self.max_bytes, last))
+            for la in wanted:
+                if modes[la.name] == "forward":
+                    out[la.name] = jacobian_forward(run, la.module, self.tracked[la.name], s,
+                                                    la.geometry.output_shape, self.max_bytes,
+                                                    la.name in last)
         return out
 
-    def _replay(self, log: CallLog) -> list[tuple[nn.Module, Any]]:
-        """Hooks making each random call (dropout) of the extra forward repeat the training
-        call."""
+    def batchnorm_errors(self, log: CallLog, loss: Callable[[torch.Tensor], torch.Tensor]
+                         ) -> dict[str, float]:
+        """Per tracked layer, the relative error of the gradient the Taylor data gives (batch
+        statistics held fixed) against the true one (:mod:`ntrace.recording.batchnorm`);
+        ``loss(f)`` is the mean loss of the recorded samples' outputs ``f`` (s, p)."""
+        params = parameters({la.name: (la.op.weight(la.module), la.op.bias(la.module))
+                             for la in self.structure.layers})
+        b = log.output.shape[0]
+        with torch.enable_grad():
+            with self._extra_forward(log, b, self.batchnorm.batch()) as run:
+                true = gradients(loss(run()[:self.s]), params)
+            with self._extra_forward(log, self.s, self.batchnorm.fixed(log.calls)) as run:
+                fixed = gradients(loss(run()), params)
+        return {name: relative_error(fixed[name], true[name]) for name in params}
+
+    def _replay(self, log: CallLog, n: int) -> list[tuple[nn.Module, Any]]:
+        """Hooks making each random call (dropout) of an extra forward of the first ``n``
+        samples repeat the training call."""
         replay = []
         for m in self.structure.modules:
             call = log.calls[m.call_index]
-            hook = m.op.replay(m.module, call.input[:self.s], call.output[:self.s])
+            hook = m.op.replay(m.module, call.input[:n], call.output[:n])
             if hook is not None:
                 replay.append((m.module, hook))
         return replay
@@ -134,7 +163,7 @@ class Extractor:
     def probe_states(self, probe: torch.Tensor) -> torch.Tensor:
         """States of every unit of every layer with an activation on the probe set, (D, M)."""
         self.watcher.capture = True
-        with torch.no_grad(), dropout_off(self.model):
+        with torch.no_grad(), dropout_off(self.model), self.batchnorm.running():
             self.model(probe)
         calls = self.watcher.log.calls
         parts = []

@@ -46,6 +46,7 @@ from ntrace.format.lock import OutputLock
 from ntrace.format.metadata import (
     CLASS_TARGET_LOSSES,
     LOSS_IDS,
+    BatchNormApprox,
     LayerAttrs,
     LossSpec,
     ModuleAttrs,
@@ -56,13 +57,16 @@ from ntrace.format.metadata import (
 from ntrace.format.store import prepare_output
 from ntrace.format.writer import ProbeSetup, TaylorRound, TraceWriter
 from ntrace.losses import per_sample_loss
+from ntrace.ops.passthrough import training_batchnorm_allowed
 from ntrace.recording.async_writer import AsyncWriter, PendingCheckpoint, PendingRound
+from ntrace.recording.batchnorm import CHOICES as BATCHNORM_CHOICES
+from ntrace.recording.batchnorm import BatchNormGuard
 from ntrace.recording.distributed import current_group, unwrap
 from ntrace.recording.extract import Extractor
+from ntrace.recording.precision import float32_forward, is_low_precision, loss_check_rtol
 from ntrace.recording.state import capture, restore
 from ntrace.recording.structure import POLICIES, Structure, Watcher, discover
 
-LOSS_CHECK_RTOL = 1e-4
 MAX_BATCHED_ROUNDS = 64  # loss-only rounds handed to the writer thread together
 DEFAULT_JACOBIAN_MEMORY = 256 << 20  # bytes for one chunk of batched Jacobian products
 
@@ -103,6 +107,8 @@ def producer_info(device: torch.device) -> dict[str, Any]:
 def _to_host(t: torch.Tensor, copy: bool = True) -> torch.Tensor:
     """A host copy of ``t``: a clone on CPU, a non-blocking copy into pinned memory on CUDA."""
     t = t.detach()
+    if is_low_precision(t):  # Taylor data are float32 (ntrace.recording.precision)
+        t, copy = t.float(), False  # a fresh tensor already
     if t.device.type == "cpu":
         return t.clone() if copy else t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -116,7 +122,7 @@ def _host_field(field: str, t: torch.Tensor) -> torch.Tensor:
     return _to_host(t, copy=field not in _FRESH)
 
 
-_FRESH = frozenset({"jacobian", "mask", "mask_high"})
+_FRESH = frozenset({"jacobian", "mask", "mask_high", "gradient_error"})
 
 
 class Recorder:
@@ -131,7 +137,10 @@ class Recorder:
     process group of several processes, every process records its own samples into one
     trace (``sampling.samples_per_round`` per process; ``resume`` is not supported there):
     every process must construct its recorder at the same point. ``distributed=False``
-    records this process alone (e.g. a recorder on rank 0 only).
+    records this process alone (e.g. a recorder on rank 0 only). BatchNorm in training mode
+    is refused unless ``batchnorm="fixed_stats"``: then each Taylor round is taken with the
+    batch statistics held fixed and the gradient error this makes is measured and stored
+    (:mod:`ntrace.recording.batchnorm`).
     """
 
     def __init__(self, model: nn.Module, path: str | os.PathLike[str], *, loss: str = "mse",
@@ -143,7 +152,7 @@ class Recorder:
                  commit_seconds: float = 1.0, unsupported: str = "error",
                  max_jacobian_memory: int = DEFAULT_JACOBIAN_MEMORY,
                  jacobian_mode: str = "auto", resume: bool = False,
-                 distributed: bool = True) -> None:
+                 distributed: bool = True, batchnorm: str | None = None) -> None:
         if loss not in LOSS_IDS:
             raise UsageError(f"unknown loss {loss!r}; use one of {', '.join(LOSS_IDS)}")
         if not isinstance(model, nn.Module):
@@ -154,10 +163,21 @@ class Recorder:
             raise UsageError(f"jacobian_mode={jacobian_mode!r}; use auto, forward or reverse")
         if max_jacobian_memory < 1 << 20:
             raise UsageError("max_jacobian_memory must be at least 1 MiB")
+        if batchnorm is not None and batchnorm not in BATCHNORM_CHOICES:
+            raise UsageError(f"batchnorm={batchnorm!r}; use 'fixed_stats' (BatchNorm in "
+                             "training mode with batch statistics held fixed) or None")
+        self.batchnorm = batchnorm
+        self._bn = BatchNormGuard(unwrap(model), False, unsupported)
         self.unsupported = unsupported
         self.max_jacobian_memory = int(max_jacobian_memory)
         self.jacobian_mode = jacobian_mode
         model = unwrap(model)
+        if _compiled(model):
+            raise UsageError(
+                "the model is compiled by torch.compile, whose forward ntrace cannot hook: "
+                "record the uncompiled module (pass model._orig_mod and call it in the "
+                "recorded loop), or run the script under 'ntrace record -- python train.py', "
+                "which records with torch.compile disabled")
         # None in a single process (or distributed=False): nothing below changes
         self.group = current_group() if distributed else None
         if self.group is not None and resume:
@@ -180,6 +200,8 @@ class Recorder:
                 attrs = self._reopened.attrs
                 restore(model, optimizer, self.resumed)
                 loss, sampling = attrs.loss.id, attrs.sampling
+                if attrs.batchnorm is not None:
+                    self.batchnorm = attrs.batchnorm.approximation
                 probe_every, expected_rounds = attrs.sampling.probe_every or None, \
                     attrs.run.get("expected_rounds")
                 run = {**attrs.run, **dict(run or {})}
@@ -262,8 +284,16 @@ class Recorder:
 
     # -- the per-round call ---------------------------------------------------------------
     def step(self, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor,
-             indices: torch.Tensor | np.ndarray | None = None) -> None:
-        """Record round ``self.round``: call after the forward, before ``optimizer.step()``."""
+             indices: torch.Tensor | np.ndarray | None = None, *,
+             round_loss: torch.Tensor | None = None) -> None:
+        """Record round ``self.round``: call after the forward, before ``optimizer.step()``.
+
+        Under gradient accumulation (several forwards and backwards per optimizer step) pass
+        the last micro-batch's ``loss``, ``output`` and ``target`` (checked on round 0 and used
+        for the Taylor data) and, as ``round_loss``, the mean of the step's micro-batch losses
+        (the round's recorded loss). Under ``torch.autocast`` pass the unscaled loss (not a
+        ``GradScaler``'s scaled one); the Taylor data are float32
+        (:mod:`ntrace.recording.precision`)."""
         if self._closed:
             raise UsageError("the recorder is closed")
         n = self.round
@@ -275,13 +305,14 @@ class Recorder:
             self._start(log, loss, output, target)
         assert self._writer is not None
         on_cpu = output.device.type == "cpu"
+        recorded = loss if round_loss is None else round_loss
         if on_cpu and self.group is None:  # several processes: the writers check the mean
-            value = float(loss.detach())
+            value = float(recorded.detach())
             if not math.isfinite(value):
                 self.close("aborted", f"loss is {value} at round {n}")
                 raise NonFiniteLossError(f"loss is {value} at round {n}; the trace keeps the {n} "
                                          "rounds before it (status 'aborted')")
-        pending = PendingRound(n, self._stage_loss(loss))
+        pending = PendingRound(n, self._stage_loss(recorded))
         s = self.sampling.samples_per_round
         if self.sampling.is_taylor_round(n):
             if output.shape[0] < s:
@@ -291,10 +322,16 @@ class Recorder:
                     raise UsageError(
                         "the output passed to step() is not the one of the model's latest "
                         "forward: call step(loss, model(x), y) right after that forward")
-                pending.taylor = self._taylor(n, log, output, target, indices)
+                if is_low_precision(output):  # Taylor data from a float32 forward
+                    assert self._extract is not None
+                    log = float32_forward(self.model, self._watcher, self._extract, log)
+                    output = log.output
+                with _no_autocast(output.device):
+                    pending.taylor = self._taylor(n, log, output, target, indices)
         probe_round = self.sampling.is_probe_round(n)
         if probe_round and (self.group is None or self.group.rank == 0):
-            pending.snapshot = self._snapshot()  # process 0 writes the probe group
+            with _no_autocast(output.device):
+                pending.snapshot = self._snapshot()  # process 0 writes the probe group
         self._batch.append(pending)
         if pending.taylor is not None or probe_round or len(self._batch) >= MAX_BATCHED_ROUNDS:
             self._submit()
@@ -308,13 +345,16 @@ class Recorder:
         if output.ndim != 2:
             raise UsageError(f"the model output must be (batch, outputs); found shape "
                              f"{tuple(output.shape)} (flatten it in the model)")
-        st = discover(log, self.model, self.unsupported)
+        with training_batchnorm_allowed(self.batchnorm is not None):
+            st = discover(log, self.model, self.unsupported)
         self.structure = st
         self._device = output.device
+        rtol = loss_check_rtol(loss.dtype)
         with torch.no_grad():
-            mine = per_sample_loss(self.loss_spec.id, output.detach(), target.detach()).mean()
+            mine = per_sample_loss(self.loss_spec.id, output.detach().float(),
+                                   target.detach()).mean()
             theirs = loss.detach().reshape(())
-            ok = torch.isclose(mine, theirs.to(mine.dtype), rtol=LOSS_CHECK_RTOL, atol=1e-7)
+            ok = torch.isclose(mine, theirs.to(mine.dtype), rtol=rtol, atol=1e-7)
             if not bool(ok) and bool(torch.isfinite(theirs)):
                 raise LossMismatchError(
                     f"the loss passed to step() ({float(theirs):.6g}) is not the mean "
@@ -324,6 +364,10 @@ class Recorder:
         if self._reopened is not None:
             self._continue(st)
             return
+        approx = None
+        if self.batchnorm is not None and self._bn.training():
+            approx = BatchNormApprox(self._bn.training_names(), self.batchnorm)
+            self._bn.fixed_stats = True
         layer_attrs = []
         rng = np.random.default_rng(self.sampling.neuron_seed)
         for i, la in enumerate(st.layers):
@@ -338,7 +382,8 @@ class Recorder:
             layer_attrs.append(la.attrs(i, "identity" if identity else "stored"))
         modules = [ModuleAttrs(m.name, m.kind, m.input_shape) for m in st.modules]
         self._extract = Extractor(self.model, st, self.tracked, self.sampling.samples_per_round,
-                                  self._watcher, self.max_jacobian_memory, self.jacobian_mode)
+                                  self._watcher, self.max_jacobian_memory, self.jacobian_mode,
+                                  self._bn)
         probe_setup = None
         if self.probe is not None:
             mask_layers = self._extract.mask_layers
@@ -354,6 +399,11 @@ class Recorder:
                "optimizer": describe_optimizer(self.optimizer),
                "expected_rounds": self.expected_rounds,
                "jacobian_mode": self.jacobian_mode, **self.run_info}
+        if is_low_precision(output):  # spec 'Training idioms'
+            run["low_precision"] = {"output_dtype": str(output.dtype).removeprefix("torch."),
+                                    "loss_dtype": str(loss.dtype).removeprefix("torch."),
+                                    "loss_check_rtol": rtol,
+                                    "taylor_data": "float32 forward of the minibatch"}
         sampling = self.sampling
         if self.group is not None:  # the trace counts the samples of every process
             world = self.group.world_size
@@ -363,7 +413,8 @@ class Recorder:
                            layers=tuple(la.name for la in st.layers),
                            output_size=int(output.shape[1]), structure=st.kind,
                            modules=tuple(m.name for m in modules),
-                           producer=producer_info(self._device), run=_json_safe(run))
+                           producer=producer_info(self._device), run=_json_safe(run),
+                           batchnorm=approx)
         json.dumps(attrs.to_dict())  # fail here, not in the writer thread, if not JSON
         if self.group is not None:
             writer = self._create_together(attrs, layer_attrs, probe_setup, modules)
@@ -414,8 +465,10 @@ class Recorder:
                              "the model that wrote the trace")
         self.tracked = {k: torch.as_tensor(v, device=self._device)
                         for k, v in writer.tracked.items()}
+        self._bn.fixed_stats = writer.attrs.batchnorm is not None
         self._extract = Extractor(self.model, st, self.tracked, self.sampling.samples_per_round,
-                                  self._watcher, self.max_jacobian_memory, self.jacobian_mode)
+                                  self._watcher, self.max_jacobian_memory, self.jacobian_mode,
+                                  self._bn)
         if self.probe is not None:
             self.probe = self.probe.to(self._device)
         self._writer = AsyncWriter(writer, self.max_pending)
@@ -441,13 +494,20 @@ class Recorder:
                 indices: Any) -> TaylorRound:
         assert self._extract is not None
         s = self.sampling.samples_per_round
-        layers = {name: d.map(_host_field) for name, d in self._extract.layers(log).items()}
-        modules = {k: _to_host(v, False) for k, v in self._extract.module_states(log).items()}
+        rows = self._extract.layers(log)
         out = output[:s].detach()
         tgt = target[:s].detach()
         classes = self.loss_spec.id in CLASS_TARGET_LOSSES
         if classes:
             tgt = tgt.long()
+        if self._bn.fixed_stats:  # the approximation's measured gradient error (spec 3.4)
+            errors = self._extract.batchnorm_errors(
+                log, lambda f: per_sample_loss(self.loss_spec.id, f, tgt).mean())
+            rows = {name: replace(r, gradient_error=torch.tensor(errors[name],
+                                                                 dtype=torch.float32))
+                    for name, r in rows.items()}
+        layers = {name: d.map(_host_field) for name, d in rows.items()}
+        modules = {k: _to_host(v, False) for k, v in self._extract.module_states(log).items()}
         sample_loss = per_sample_loss(self.loss_spec.id, out, tgt)
         if indices is None:
             idx = torch.full((s,), -1, dtype=torch.int64)
@@ -462,7 +522,7 @@ class Recorder:
         pinned memory once per batch in :meth:`_submit`: no sync, one host copy per batch."""
         value = loss.detach().reshape(())
         if value.device.type == "cpu":
-            return value
+            return value.float()
         if self._loss_buffer is None:
             self._loss_buffer = torch.empty(MAX_BATCHED_ROUNDS, dtype=torch.float32,
                                             device=value.device)
@@ -510,6 +570,21 @@ class Recorder:
     @property
     def trace_path(self) -> str:
         return str(self.path)
+
+
+def _compiled(model: nn.Module) -> bool:
+    """A ``torch.compile``'d module whose compiled forward runs (TorchDynamo enabled)."""
+    if not hasattr(model, "_orig_mod") or type(model).__name__ != "OptimizedModule":
+        return False
+    import torch._dynamo
+
+    return not torch._dynamo.config.disable
+
+
+def _no_autocast(device: torch.device) -> Any:
+    """Jacobians and probe forwards are float32 even when step() is called under
+    autocast."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def _auto_probe_every(expected_rounds: int | None, rounds_per_epoch: int | None) -> int:

@@ -72,6 +72,8 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer | None, ck: Check
                                 f"model has {sorted(own)[:4]}…; resume with the same model")
     for k, v in own.items():
         saved_k = a[f"model.{k}"]
+        if v.ndim == 0 and saved_k.shape == (1,):  # a 0-d buffer as ntrace <= 0.1.0 wrote it
+            saved_k = a[f"model.{k}"] = saved_k.reshape(())
         if saved_k.shape != tuple(v.shape) or saved_k.dtype.kind not in "biuf":
             raise InvalidTraceError(f"checkpoint array model.{k} is {saved_k.dtype} of shape "
                                     f"{saved_k.shape}, but the model's {k} is {tuple(v.shape)}; "

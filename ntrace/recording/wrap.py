@@ -11,10 +11,27 @@ The script runs in this process under global PyTorch hooks:
   loss identifier, the targets and the value;
 - each optimizer step (a global pre-step hook) calls :meth:`Recorder.step` before the update.
 The probe set is the first batch's inputs. Anything that cannot be identified stops the run
-with a message that says what and points to the Python API. On the first round the loss the
-script backpropagates must be the identified loss (up to a power-of-two scale, as a
-``GradScaler`` applies): a loss with extra terms (an L2 penalty) is refused, since the trace
-would record a loss the optimizer does not minimise.
+with a message that says what and points to the Python API. On the first round each loss the
+script backpropagates must be the identified loss or that loss times constants (a
+``GradScaler``'s scale, 1/k of gradient accumulation), as its autograd graph shows: a loss
+with extra terms (an L2 penalty) is refused, since the trace would record a loss the optimizer
+does not minimise.
+
+Training idioms (spec 'Training idioms'):
+
+- *gradient accumulation*: every identified loss the script backpropagates between two
+  optimizer steps is a micro-batch of the step's round; the round's loss is their mean, its
+  Taylor data come from the last micro-batch (the model's last forward before the step);
+  the trace's ``run.accumulation`` says so when round 0 has several;
+- *torch.autocast and GradScaler*: the recorded losses are the loss functions' own values
+  (unscaled); a step ``GradScaler.step`` skips (non-finite gradients) is still a round, whose
+  weights do not move, so rounds count the optimizer steps attempted;
+- *optimizer.step(closure)* (LBFGS, Lightning's automatic optimization): the round is
+  recorded after the closure's first evaluation, at the weights the step starts from; later
+  evaluations within the step (LBFGS line searches) are not rounds;
+- *torch.compile*: the script runs with TorchDynamo disabled (``torch._dynamo.config.disable``)
+  once it calls ``torch.compile``, so the eager module is recorded (``run.torch_compile``);
+- learning-rate schedulers of the model's optimizer are named in ``run.lr_schedulers``.
 
 What the script does to the process is its own: a non-zero ``sys.exit`` or an exception of
 the script ends the trace ``aborted`` and raises :class:`~ntrace.errors.ScriptError`, which
@@ -70,6 +87,7 @@ class WrapOptions:
     overwrite: bool = False
     unsupported: str = "error"
     max_jacobian_memory: int = 256 << 20
+    batchnorm: str | None = None  # "fixed_stats": BatchNorm in training mode, approximated
 
 
 @dataclass
@@ -78,6 +96,9 @@ class LossCall:
     input: torch.Tensor
     target: torch.Tensor
     value: torch.Tensor
+
+
+SCALING_NODES = ("MulBackward0", "DivBackward0", "ToCopyBackward0")  # loss × constants
 
 
 @dataclass
@@ -96,11 +117,16 @@ class Session:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.output: torch.Tensor | None = None
-        self.loss: LossCall | None = None
-        self.backward: torch.Tensor | None = None  # the tensor of the latest backward()
+        self.loss: LossCall | None = None  # the latest identified loss not backpropagated
+        self.micro: list[LossCall] = []  # the losses backpropagated since the last step
         self.failure: NtraceError | None = None  # the first ntrace error, even if caught
         self.depth = 0
         self.rounds = 0
+        self.steps = 0  # optimizer.step() calls of the model's optimizer
+        self.in_step = False  # within a step(closure) whose round is recorded
+        self.grad_scaler = False
+        self.schedulers: list[Any] = []
+        self.compiled = False
 
     @contextlib.contextmanager
     def _noting_failure(self) -> Iterator[None]:
@@ -116,11 +142,15 @@ class Session:
     def on_optimizer(self, opt: torch.optim.Optimizer) -> None:
         self.optimizers.append(opt)
 
+    def on_scheduler(self, scheduler: Any) -> None:
+        self.schedulers.append(scheduler)
+
     def pre_forward(self, module: nn.Module, args: Any) -> None:
         self.depth += 1
-        if self.depth != 1 or self.model is not None or self.failure is not None:
+        if (self.depth != 1 or self.model is not None or self.failure is not None
+                or not torch.is_grad_enabled()):  # an evaluation forward is not training
             return
-        inner = _unwrap(module)
+        inner = _model_of(module)
         params = {id(p) for p in inner.parameters() if p.requires_grad}
         if not params:
             return
@@ -136,13 +166,15 @@ class Session:
 
     def post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         self.depth -= 1
-        if self.depth == 0 and self.model is not None and _unwrap(module) is self.model:
+        if (self.depth == 0 and self.model is not None and torch.is_grad_enabled()
+                and _model_of(module) is self.model):
             self.output = output if isinstance(output, torch.Tensor) else None
             self.loss = None
 
     def on_loss(self, loss_id: str, input: torch.Tensor, target: torch.Tensor,
                 reduction: str, value: torch.Tensor) -> None:
-        if self.output is None or input is not self.output or self.failure is not None:
+        if (self.output is None or input is not self.output or self.failure is not None
+                or not value.requires_grad or self.in_step):
             return
         if reduction != "mean":
             with self._noting_failure():
@@ -151,31 +183,107 @@ class Session:
         self.loss = LossCall(loss_id, input, target, value)
 
     def on_backward(self, tensors: Any) -> None:
-        if self.recorder is not None and self.recorder.round == 0:
-            self.backward = tensors if isinstance(tensors, torch.Tensor) else None
-
-    def pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if optimizer is not self.optimizer or self.recorder is None or self.failure is not None:
+        """A backward of the identified loss: one micro-batch of the coming step."""
+        if self.recorder is None or self.loss is None or self.failure is not None:
             return
+        if self.recorder.round == 0:
+            with self._noting_failure():
+                _check_backpropagated(tensors if isinstance(tensors, torch.Tensor) else None,
+                                      self.loss)
+        self.micro.append(self.loss)
+        self.loss = None
+
+    def pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
+                 ) -> tuple[Any, Any] | None:
+        if self.failure is not None or optimizer not in self.optimizers:
+            return None
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0]: optimizer
+        if closure is not None and (optimizer is self.optimizer or self.model is None):
+            return _with_closure(args, kwargs, self._recording(optimizer, closure))
+        if optimizer is not self.optimizer or self.recorder is None:
+            return None
+        self.steps += 1
         with self._noting_failure():
             self._step()
+        return None
+
+    def _recording(self, optimizer: torch.optim.Optimizer,
+                   closure: Callable[[], Any]) -> Callable[[], Any]:
+        """``closure`` recording the step's round after its first evaluation (at the weights
+        the step starts from); the step's later evaluations are no rounds."""
+        first = True
+
+        def recorded() -> Any:
+            nonlocal first
+            result = closure()
+            if first and optimizer is self.optimizer and self.recorder is not None \
+                    and self.failure is None:
+                self.steps += 1
+                with self._noting_failure():
+                    self._step()
+                self.in_step = True
+            first = False
+            return result
+
+        return recorded
+
+    def post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if optimizer is self.optimizer:
+            self.in_step = False
+
+    def scaler_step(self, optimizer: Any, run: Callable[[], Any]) -> Any:
+        """``GradScaler.step(optimizer)``: a step it skips (non-finite gradients) never calls
+        ``optimizer.step()``; it is still a round, whose weights do not move."""
+        if optimizer is self.optimizer:
+            self.grad_scaler = True
+        before = self.steps
+        result = run()
+        if (optimizer is self.optimizer and self.steps == before and self.recorder is not None
+                and self.failure is None):
+            with self._noting_failure():
+                self._step()
+        return result
+
+    def on_compile(self) -> None:
+        self.compiled = True
 
     def _step(self) -> None:
         assert self.recorder is not None
         if self.output is None:
             raise UnsupportedModelError("an optimizer step came without a forward of the model "
                                         f"{type(self.model).__name__}; " + API_HINT)
-        if self.loss is None:
+        micro = self.micro or ([self.loss] if self.loss is not None else [])
+        if not micro:
             raise UnsupportedModelError(
                 "could not identify the loss of the model's output: call one of "
                 f"{', '.join(sorted(LOSS_FUNCTIONS))} (or nn.MSELoss, nn.CrossEntropyLoss, "
                 "nn.BCEWithLogitsLoss, nn.NLLLoss) directly on the model output; " + API_HINT)
+        last = micro[-1]
         if self.recorder.round == 0:
-            self.recorder.loss_spec = type(self.recorder.loss_spec)(self.loss.loss_id)
-            _check_backpropagated(self.backward, self.loss)
-        self.recorder.step(self.loss.value, self.loss.input, self.loss.target)
+            self.recorder.loss_spec = type(self.recorder.loss_spec)(last.loss_id)
+            self.recorder.run_info.update(self._idioms(len(micro)))
+        round_loss = None
+        if len(micro) > 1:  # gradient accumulation: the mean of the micro-batch losses
+            round_loss = torch.stack([m.value.detach().float().reshape(()) for m in micro]).mean()
+        self.recorder.step(last.value, last.input, last.target, round_loss=round_loss)
         self.rounds += 1
-        self.loss, self.backward = None, None
+        self.loss, self.micro = None, []
+
+    def _idioms(self, micro_batches: int) -> dict[str, Any]:
+        """What the trace's ``run`` says of the training idioms seen by round 0."""
+        info: dict[str, Any] = {}
+        if micro_batches > 1:
+            info["accumulation"] = {"micro_batches": micro_batches, "round_loss": "mean",
+                                    "taylor_micro_batch": "last"}
+        if self.grad_scaler:
+            info["grad_scaler"] = True
+        names = [type(s).__name__ for s in self.schedulers
+                 if getattr(s, "optimizer", None) is self.optimizer]
+        if names:
+            info["lr_schedulers"] = names
+        if self.compiled:
+            info["torch_compile"] = "disabled while recording: the eager module is recorded"
+        return info
 
     def before_destroy(self) -> None:
         """The script tears its process group down: close the trace while the processes
@@ -194,21 +302,50 @@ class Session:
             model, self.opts.out, loss="mse", optimizer=opt, sampling=self.opts.sampling,
             probe=probe, probe_every=self.opts.probe_every if probe is not None else None,
             overwrite=self.opts.overwrite, unsupported=self.opts.unsupported,
-            max_jacobian_memory=self.opts.max_jacobian_memory,
+            max_jacobian_memory=self.opts.max_jacobian_memory, batchnorm=self.opts.batchnorm,
             run={"task": None, "wrapped": True, "model_class": type(model).__name__})
+
+
+def _model_of(module: nn.Module) -> nn.Module:
+    """The module to record: DDP/DataParallel and torch.compile wrappers removed."""
+    while True:
+        inner = _unwrap(module)
+        if type(inner).__name__ == "OptimizedModule" and hasattr(inner, "_orig_mod"):
+            inner = inner._orig_mod
+        if inner is module:
+            return inner
+        module = inner
+
+
+def _with_closure(args: Any, kwargs: Any, closure: Callable[[], Any]) -> tuple[Any, Any]:
+    if len(args) > 1:  # (optimizer, closure, ...)
+        return (args[0], closure, *args[2:]), kwargs
+    return args, {**kwargs, "closure": closure}
+
+
+def _scaled(root: torch.Tensor, loss: torch.Tensor) -> bool:
+    """``root`` is ``loss`` times constants (``loss / k``, a GradScaler's ``scale(loss)``,
+    casts), as its autograd graph shows."""
+    node, target = root.grad_fn, loss.grad_fn
+    while node is not None and node is not target:
+        if type(node).__name__ not in SCALING_NODES:
+            return False
+        inputs = [n for n, _ in node.next_functions if n is not None]
+        if len(inputs) != 1:  # multiplied by something that itself depends on the weights
+            return False
+        node = inputs[0]
+    return node is not None
 
 
 def _check_backpropagated(root: torch.Tensor | None, loss: LossCall) -> None:
     """The loss the optimizer's gradients come from must be the identified one: the same
-    tensor, the same value, or a power-of-two multiple (a GradScaler, an average over 2^k
-    accumulation steps). Not seen (``torch.autograd.grad``, a closure): nothing to check."""
-    if root is None or root is loss.value or root.numel() != 1:
+    tensor, that tensor times constants (a GradScaler, 1/k of gradient accumulation), or the
+    same value (recomputed). Not seen (``torch.autograd.grad``): nothing to check."""
+    if root is None or root is loss.value or root.numel() != 1 or _scaled(root, loss.value):
         return
     theirs, mine = float(root.detach()), float(loss.value.detach())
     if not (math.isfinite(theirs) and math.isfinite(mine)) or math.isclose(
             theirs, mine, rel_tol=1e-5, abs_tol=1e-8):
-        return
-    if mine != 0 and theirs / mine > 0 and math.frexp(theirs / mine)[0] == 0.5:
         return
     raise LossMismatchError(
         f"the script backpropagates a loss of {theirs:.6g}, not the mean {loss.loss_id} loss "
@@ -238,6 +375,29 @@ def _installed(session: Session) -> Iterator[None]:
 
     dist = torch.distributed
     original_destroy = getattr(dist, "destroy_process_group", None)
+    scaler_cls = torch.amp.GradScaler
+    original_scaler_step = scaler_cls.step
+    scheduler_cls = torch.optim.lr_scheduler.LRScheduler
+    original_scheduler_init = scheduler_cls.__init__
+    original_compile = torch.compile
+    dynamo_was: list[bool] = []  # TorchDynamo's 'disable' before the script compiled
+
+    def scaler_step(self: Any, optimizer: Any, *a: Any, **k: Any) -> Any:
+        return session.scaler_step(optimizer, lambda: original_scaler_step(self, optimizer,
+                                                                           *a, **k))
+
+    def scheduler_init(self: Any, *a: Any, **k: Any) -> None:
+        original_scheduler_init(self, *a, **k)
+        session.on_scheduler(self)
+
+    def compile(*a: Any, **k: Any) -> Any:
+        import torch._dynamo
+
+        if not dynamo_was:
+            dynamo_was.append(torch._dynamo.config.disable)
+        torch._dynamo.config.disable = True  # the eager module runs, and is recorded
+        session.on_compile()
+        return original_compile(*a, **k)
 
     def destroy(*a: Any, **k: Any) -> Any:
         group = a[0] if a else k.get("group")
@@ -261,8 +421,12 @@ def _installed(session: Session) -> Iterator[None]:
         module_mod.register_module_forward_pre_hook(session.pre_forward),
         module_mod.register_module_forward_hook(session.post_forward),
         optim_mod.register_optimizer_step_pre_hook(session.pre_step),
+        optim_mod.register_optimizer_step_post_hook(session.post_step),
     ]
     torch.optim.Optimizer.__init__ = init  # type: ignore[method-assign]
+    scaler_cls.step = scaler_step  # type: ignore[method-assign]
+    scheduler_cls.__init__ = scheduler_init  # type: ignore[method-assign]
+    torch.compile = compile  # type: ignore[assignment]
     torch.autograd.backward = backward
     for fname, loss_id in LOSS_FUNCTIONS.items():
         setattr(F, fname, patch(fname, loss_id))
@@ -273,6 +437,11 @@ def _installed(session: Session) -> Iterator[None]:
     finally:
         torch.optim.Optimizer.__init__ = original_init  # type: ignore[method-assign]
         torch.autograd.backward = original_backward
+        scaler_cls.step = original_scaler_step  # type: ignore[method-assign]
+        scheduler_cls.__init__ = original_scheduler_init  # type: ignore[method-assign]
+        torch.compile = original_compile
+        if dynamo_was:
+            torch._dynamo.config.disable = dynamo_was[0]
         if original_destroy is not None:
             dist.destroy_process_group = original_destroy
         for fname, fn in originals.items():

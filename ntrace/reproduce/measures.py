@@ -79,7 +79,7 @@ def measure(ds: Any, kind: str, optimizer: str, seed: int, final_loss: float) ->
     if "neuron_mean_regret_exponent" in ds:
         present = set(np.unique(ds.neuron_layer.values).tolist())
         for li, name in enumerate(names):
-            if li in present:
+            if name in present:
                 exps.append(Exponent(name, "neurons", _f(ds.neuron_mean_regret_exponent[li]),
                                      _f(ds.neuron_mean_regret_exponent_low[li]),
                                      _f(ds.neuron_mean_regret_exponent_high[li])))
@@ -104,10 +104,10 @@ def gaps(ds: Any, names: list[str]) -> tuple[Gap, ...]:
         opt = None
         if "layer_optimum" in ds and name in ds.attrs["ntrace"]["layer_scale_layers"]:
             opt = ds.layer_optimum.values[:, li]
-        elif "neuron_optimum" in ds and (ds.neuron_layer.values == li).any():
+        elif "neuron_optimum" in ds and (ds.neuron_layer.values == name).any():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                opt = np.nanmean(ds.neuron_optimum.values[:, ds.neuron_layer.values == li], 1)
+                opt = np.nanmean(ds.neuron_optimum.values[:, ds.neuron_layer.values == name], 1)
         if opt is None:
             continue
         out.append(Gap(name, float(avg[early] - opt[early]), float(avg[late] - opt[late]),

@@ -313,7 +313,7 @@ def test_neuron_problems_in_the_row_space_of_few_samples(tmp_path: Path, domain:
     y = torch.as_tensor(tr.read("taylor/target").astype(np.float64))
     for k, N in enumerate(ds.checkpoint.values):
         for c in range(len(ds.neuron)):
-            lname = ds.attrs["ntrace"]["layer_names"][int(ds.neuron_layer[c])]
+            lname = str(ds.neuron_layer.values[c])
             j = int(ds.neuron_index[c])
             if lname == "0":
                 D, rows = G[:N, :, :, j], w[:, j]  # T = f + D (u − w_j)
@@ -561,7 +561,7 @@ def test_nll_is_linear_closed_form_on_a_ball_and_unbounded_without_one(
     # reference: the hindsight objective is linear; its gradient by autograd of the
     # per-round Taylor losses, its minimum over the ball at centre − radius · g/|g|
     for c in range(len(ds.neuron)):
-        lname = str(ds.attrs["ntrace"]["layer_names"][int(ds.neuron_layer[c])])
+        lname = str(ds.neuron_layer.values[c])
         j = int(ds.neuron_index[c])
         center = torch.as_tensor(ds.neuron_domain_center.values[c])
         center = center[torch.isfinite(center)]

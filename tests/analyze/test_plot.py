@@ -38,7 +38,8 @@ def test_panels_plot_the_results(results) -> None:
     neuron_ax, layer_ax, loss_ax, _ = fig.axes[:4]
     layers = np.unique(a.neuron_layer.values)
     assert len(neuron_ax.lines) == len(layers)  # one mean curve (and band) per layer
-    mean0 = np.nanmean(a.neuron_regret_over_sqrt_n.values[:, a.neuron_layer.values == 0], 1)
+    first = a.layer.values[0]
+    mean0 = np.nanmean(a.neuron_regret_over_sqrt_n.sel(neuron_layer=first).values, 1)
     np.testing.assert_allclose(neuron_ax.lines[0].get_ydata(), mean0)
     np.testing.assert_allclose(layer_ax.lines[-1].get_ydata(), a.network_regret_over_sqrt_n)
     np.testing.assert_allclose(loss_ax.lines[0].get_ydata(), a.taylor_loss)

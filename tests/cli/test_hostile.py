@@ -148,6 +148,7 @@ BROKEN = {  # command → (arguments with {bad} for a garbled trace, exit code)
                 InvalidTraceError.exit_code),
     "reproduce": (["reproduce", "--optimizers", "adam", "--out", "{tmp}/r"],
                   UsageError.exit_code),
+    "tasks": (["tasks", "{bad}"], UsageError.exit_code),
 }
 
 

@@ -87,6 +87,8 @@ def test_compare_options_are_range_checked(tmp_path: Path, args: list[str], need
     (["--seeds", "0"], "Invalid value for '--seeds'"),
     (["--seeds", "1000"], "Invalid value for '--seeds'"),
     (["--device", "meta"], "Invalid value for '--device'"),
+    (["--optimizers", "sgd,lbfgs"], "Invalid value for '--optimizers': 'lbfgs' is not a "
+                                    "comma-separated subset of sgd, rmsprop, adam"),
 ])
 def test_reproduce_options_are_range_checked(tmp_path: Path, args: list[str], needle: str
                                              ) -> None:

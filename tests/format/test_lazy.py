@@ -4,33 +4,14 @@ opens a trace without ntrace."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
 import xarray as xr
 
-from ntrace.format.files import TraceDirStore
 from ntrace.format.metadata import FORMAT_VERSION
 from ntrace.format.reader import open_trace
 
-
-@pytest.fixture
-def store_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    keys: list[str] = []
-    original = TraceDirStore.get  # the store every reader uses on a directory
-
-    async def counting(self: Any, key: str, *args: Any, **kwargs: Any) -> Any:
-        keys.append(key)
-        return await original(self, key, *args, **kwargs)
-
-    monkeypatch.setattr(TraceDirStore, "get", counting)
-    yield keys
-
-
-def chunk_keys(keys: list[str]) -> list[str]:
-    return [k for k in keys if not k.endswith("zarr.json")]
+from .conftest import chunk_keys
 
 
 def test_open_reads_metadata_only(ae_trace: Path, store_reads: list[str]) -> None:
@@ -56,6 +37,13 @@ def test_plain_xarray_opens_a_finished_trace(ae_trace: Path) -> None:
     assert ds["jacobian"].dims == ("taylor_round", "sample", "output_unit", "tracked")
     assert ds.sizes["taylor_round"] == 20 and ds.sizes["tracked"] == 30
     assert tree.attrs["ntrace"]["format_version"] == FORMAT_VERSION
+    # format 1.3: CF attributes and round_index as a coordinate (spec 'Variable attributes')
+    taylor = tree["taylor"].to_dataset()
+    assert "round_index" in taylor.coords and taylor["sample_loss"].dims[0] == "taylor_round"
+    assert "round_index" in tree["probe"].to_dataset().coords
+    assert ds["weight"].attrs["long_name"] == "weight" and ds["weight"].attrs["units"] == "1"
+    assert tree["/"]["loss"].attrs["long_name"] == "training loss"
+    assert "units" not in ds["mask"].attrs and ds["mask"].attrs["long_name"]
 
 
 def test_lazy_xarray_views_are_cut_to_the_commit(ae_trace: Path,

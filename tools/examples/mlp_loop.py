@@ -6,6 +6,8 @@ Record it unmodified with:  ntrace record --out mlp.zarr -- python tools/example
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 from sklearn.datasets import load_digits
@@ -23,15 +25,21 @@ def main() -> None:
                           nn.Linear(16, 64))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     loss_fn = nn.MSELoss()
+    step_times = []
+    start = time.perf_counter()
     for step in range(args.steps):
+        t = time.perf_counter()
         idx = torch.randint(0, len(x), (64,))
         batch = x[idx]
         loss = loss_fn(model(batch), batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        step_times.append(time.perf_counter() - t)
         if step % 50 == 0:
             print(f"step {step} loss {loss.item():.4f}")
+    print(f"train loop: {time.perf_counter() - start:.3f} s, median step "
+          f"{1e3 * statistics.median(step_times):.3f} ms over {len(step_times)} steps")
 
 
 if __name__ == "__main__":
