@@ -17,6 +17,16 @@ from ntrace.tasks.runner import RunOptions, run_task
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads() -> object:
+    """Tests that pin torch to one thread (for reproducible sums) do not leak it into the
+    next test, whose plain subprocess would otherwise sum in another order than its
+    in-process run."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     path = SHARED / "data"

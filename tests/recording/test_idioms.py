@@ -43,6 +43,7 @@ import json, sys, torch
 import torch.nn.functional as F
 from torch import nn
 torch.manual_seed(0)
+torch.set_num_threads(1)  # in-process and plain runs sum in the same order
 model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))
 data = torch.randn(64, 6)
 labels = torch.randint(0, 3, (64,))
