@@ -9,15 +9,23 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ntrace.ops.base import StateOp
+from ntrace.ops.base import StateOp, arg
 
 
 class Dropout(StateOp):
     name: ClassVar[str] = "dropout"
     label: ClassVar[str] = "Dropout"
     modules = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+    functions = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
+
+    @classmethod
+    def as_module(cls, func: Callable[..., Any], args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> nn.Module:
+        module = cls.modules[cls.functions.index(func)](float(arg(args, kwargs, 1, "p", 0.5)))
+        return module.train(bool(arg(args, kwargs, 2, "training", True)))
 
     @classmethod
     def active(cls, module: nn.Module) -> bool:

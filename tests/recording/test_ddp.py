@@ -24,7 +24,7 @@ import zarr
 from torch import nn
 
 from ntrace.errors import TraceExistsError, UsageError
-from ntrace.format.metadata import Sampling
+from ntrace.format.metadata import FORMAT_VERSION, Sampling
 from ntrace.format.validate import validate_trace
 from ntrace.recording import record
 
@@ -113,7 +113,7 @@ def test_ddp_trace_validates_with_the_global_sample_axis(ddp_trace: Path) -> Non
     assert report.ok, report.reasons
     g = zarr.open_group(str(ddp_trace), mode="r")
     a = g.attrs["ntrace"]
-    assert a["format_version"] == "1.2" and a["status"] == "complete"
+    assert a["format_version"] == FORMAT_VERSION and a["status"] == "complete"
     assert a["sampling"]["world_size"] == WORLD
     assert a["sampling"]["samples_per_round"] == WORLD * PER_RANK
     taylor_rounds = list(range(0, STEPS, EVERY))
