@@ -144,6 +144,8 @@ class Session:
                 reduction: str, value: torch.Tensor) -> None:
         if self.output is None or input is not self.output or self.failure is not None:
             return
+        if not torch.is_grad_enabled():
+            return  # an evaluation pass (torch.no_grad): no optimizer step follows from it
         if reduction != "mean":
             with self._noting_failure():
                 raise UsageError(f"the script's {loss_id} loss uses reduction={reduction!r}; "
