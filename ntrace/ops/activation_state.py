@@ -17,16 +17,11 @@ from ntrace.ops.base import ActivationOp, StateOp
 class ActivationStates(StateOp):
     name: ClassVar[str] = "activation"
 
-    @staticmethod
-    def of(module: nn.Module) -> tuple[type[ActivationOp], Activation]:
-        """The activation op of ``module`` and its attributes."""
-        from ntrace.ops import recognise
-
-        op = recognise(module)
-        assert op is not None and issubclass(op, ActivationOp)
-        return op, op.describe(module)
+    @classmethod
+    def of(cls, op: type[ActivationOp], act: Activation, x: torch.Tensor) -> torch.Tensor:
+        """The states of the activation ``op`` (attributes ``act``) at its input ``x``."""
+        return op.states(act, x)[0]
 
     @classmethod
     def states(cls, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        op, act = cls.of(module)
-        return op.states(act, x)[0]
+        raise TypeError("an activation module's states need its op: use ActivationStates.of")

@@ -132,7 +132,7 @@ class Extractor:
         for m in self.structure.modules:
             call = log.calls[m.call_index]
             x = call.input[:self.s].detach()
-            out[m.name] = m.op.states(call.module, x, call.output[:self.s]).reshape(self.s, -1)
+            out[m.name] = m.states(call.module, x, call.output[:self.s]).reshape(self.s, -1)
         return out
 
     # -- probe snapshots -------------------------------------------------------------------
@@ -149,7 +149,7 @@ class Extractor:
         for u in self.state_units:
             if isinstance(u, StateModule):
                 c = calls[u.call_index]
-                low = u.op.states(c.module, c.input, c.output)
+                low = u.states(c.module, c.input, c.output)
             else:
                 a = u.op.neurons_first(calls[u.call_index].output)
                 low = ops.activation_op(u.activation).states(u.activation, a)[0]

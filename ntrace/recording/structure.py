@@ -26,6 +26,7 @@ from torch import nn
 from ntrace import ops
 from ntrace.errors import UnsupportedModelError, UsageError
 from ntrace.format.metadata import Activation, Geometry, LayerAttrs, ModuleAttrs
+from ntrace.ops.activation_state import ActivationStates
 from ntrace.recording.functional import FunctionalCalls, Replacement
 
 POLICIES = ("error", "warn", "skip")
@@ -74,11 +75,18 @@ class StateModule:
     call_index: int
     input_shape: tuple[int, ...]
     functional: bool = False
-    activation: Activation | None = None  # kind "activation"
+    activation: Activation | None = None  # kind "activation": the activation and its op
+    act_op: type[ops.ActivationOp] | None = None
 
     @property
     def op(self) -> type[ops.StateOp]:
         return ops.STATES[self.kind]
+
+    def states(self, module: nn.Module, x: torch.Tensor, y: Any) -> torch.Tensor:
+        """The state of each input unit of one call, bool, shaped like ``x``."""
+        if self.act_op is not None:
+            return ActivationStates.of(self.act_op, self.activation, x)  # type: ignore[arg-type]
+        return self.op.states(module, x, y)
 
     def attrs(self) -> ModuleAttrs:
         return ModuleAttrs(self.name, self.kind, self.input_shape, activation=self.activation)
@@ -248,16 +256,17 @@ class _Found:
         if owner is not None and owner.act_module is None:
             owner.activation, owner.act_module, owner.act_call = act, c.module, i
         elif act.has_mask:  # after a residual addition, a normalisation: a module's states
-            self.state(ops.STATES["activation"], i, c, act)  # type: ignore[arg-type]
+            self.state(ActivationStates, i, c, act, op)
 
-    def state(self, op: type[ops.StateOp], i: int, c: Call,
-              activation: Activation | None = None) -> None:
+    def state(self, op: type[ops.StateOp], i: int, c: Call, activation: Activation | None = None,
+              act_op: type[ops.ActivationOp] | None = None) -> None:
         if not op.active(c.module):
             return  # dropout in eval mode: the identity
         k = self.state_calls.get(id(c.module), 0)
         self.state_calls[id(c.module)] = k + 1
         self.modules.append(StateModule(c.name if k == 0 else f"{c.name}@{k}", c.module, op.name,
-                                        i, tuple(c.input.shape[1:]), c.functional, activation))
+                                        i, tuple(c.input.shape[1:]), c.functional, activation,
+                                        act_op))
 
     def passthrough(self, op: type[ops.PassthroughOp], i: int, c: Call) -> None:
         op.check(c.name, c.module)
@@ -307,7 +316,7 @@ def hidden_nonlinearities(out: torch.Tensor, calls: list[Call]) -> list[str]:
     # Python wrappers of autograd nodes live only while referenced: keep every one alive,
     # or ids get reused and compare wrongly
     outs = [c.output[0] if isinstance(c.output, tuple) else c.output for c in calls]
-    keep = [o.grad_fn for o in outs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    keep = [n for o in outs if isinstance(o, torch.Tensor) for n in _call_nodes(o.grad_fn)]
     own = {id(n) for n in keep}
     found: list[str] = []
     stack = [out.grad_fn] if out.grad_fn is not None else []
@@ -323,6 +332,22 @@ def hidden_nonlinearities(out: torch.Tensor, calls: list[Call]) -> list[str]:
             found.append(name)
         stack.extend(nxt for nxt, _ in node.next_functions)
     return sorted(set(found))
+
+
+# shape-only nodes by which torch wraps an op's result (max_pool1d is max_pool2d between an
+# unsqueeze and a squeeze): the node below one is the call's own too
+_WRAPPERS = ("Squeeze", "Unsqueeze", "View", "Reshape", "Unsafe", "Alias")
+
+
+def _call_nodes(node: Any, depth: int = 3) -> list[Any]:
+    """The autograd nodes a logged call produced: its output's, and below shape-only ones."""
+    if node is None:
+        return []
+    out = [node]
+    if depth and type(node).__name__.startswith(_WRAPPERS):
+        for nxt, _ in node.next_functions:
+            out += _call_nodes(nxt, depth - 1)
+    return out
 
 
 def _invisible(hidden: list[str], policy: str) -> None:

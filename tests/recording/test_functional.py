@@ -321,3 +321,32 @@ def test_functional_ops_on_parameters_are_not_per_sample(tmp_path: Path) -> None
     tr = open_trace(tmp_path / "g.zarr")
     assert not tr.attrs.modules and tr.layers["fc1"].activation == Activation("identity")
     assert conforms(tmp_path / "g.zarr", make, x) == 4 * 2
+
+
+def test_functional_max_pool_with_indices_records_its_winners(tmp_path: Path) -> None:
+    class Pool(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, _ = F.max_pool1d(self.fc1(x)[:, None], 3, 1, 1, return_indices=True)
+            return self.fc2(h[:, 0])
+
+    def make() -> nn.Module:
+        torch.manual_seed(6)
+        return Pool()
+
+    x = train(make(), tmp_path / "p.zarr", probe=False)
+    tr = open_trace(tmp_path / "p.zarr")
+    assert {n: m.kind for n, m in tr.modules.items()} == {"max_pool1d()": "maxpool"}
+    assert conforms(tmp_path / "p.zarr", make, x) == 4 * 2
+    g = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
+    for t in range(4):
+        a = (torch.tensor(g["layers/fc1/input"][t]) @ torch.tensor(g["layers/fc1/weight"][t]).T
+             + torch.tensor(g["layers/fc1/bias"][t]))
+        padded = F.pad(a, (1, 1), value=-float("inf"))
+        won = torch.zeros(4, 5, dtype=torch.bool)
+        for j in range(5):  # each window's first maximum (torch's choice on ties)
+            won[torch.arange(4), padded[:, j:j + 3].argmax(1) + j - 1] = True
+        np.testing.assert_array_equal(unpack(g["modules/max_pool1d()/state"][t], 5), won.numpy())
