@@ -23,6 +23,7 @@ from __future__ import annotations
 from ntrace.format.metadata import Activation, LayerAttrs
 from ntrace.ops import (
     activation_state,
+    alpha_dropout,
     attention,
     conv,
     conv_transpose,
@@ -62,6 +63,7 @@ OPS: tuple[type[Op], ...] = (
     rrelu.RReLU, smooth.Smooth,
     maxpool.MaxPool, dropout.Dropout, activation_state.ActivationStates,
     passthrough.Passthrough, passthrough.BatchNorm, norm.Norm, attention.Attention,
+    alpha_dropout.AlphaDropout,
 )
 
 

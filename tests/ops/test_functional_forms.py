@@ -35,6 +35,7 @@ CALLS: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], torch.Ten
     (F.dropout, (0.3,), {}, A), (F.dropout1d, (0.5,), {}, X1), (F.dropout2d, (), {"p": 0.4}, X2),
     (F.dropout3d, (0.5, True), {}, X3), (F.dropout, (0.3, False), {}, A),
     (F.scaled_dot_product_attention, (Q, Q), {}, Q),
+    (F.alpha_dropout, (0.3, True), {}, A), (F.feature_alpha_dropout, (0.2,), {}, X2),
 ]
 
 

@@ -350,3 +350,23 @@ def test_functional_max_pool_with_indices_records_its_winners(tmp_path: Path) ->
         for j in range(5):  # each window's first maximum (torch's choice on ties)
             won[torch.arange(4), padded[:, j:j + 3].argmax(1) + j - 1] = True
         np.testing.assert_array_equal(unpack(g["modules/max_pool1d()/state"][t], 5), won.numpy())
+
+
+def test_alpha_dropout_is_refused_in_training_mode_naming_the_call(tmp_path: Path) -> None:
+    """Its random affine correction cannot be replayed (before: silently wrong Jacobians)."""
+    class Alpha(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(F.alpha_dropout(torch.relu(self.fc1(x)), 0.2, self.training))
+
+    with pytest.raises(UnsupportedModelError, match=r"call alpha_dropout\(\) \(AlphaDropout\) "
+                                                    r"is in training mode.*training=False"):
+        train(Alpha(), tmp_path / "a.zarr", probe=False)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.AlphaDropout(0.2), nn.Linear(5, 3))
+    with pytest.raises(UnsupportedModelError, match=r"model.2.eval\(\)"):
+        train(model, tmp_path / "b.zarr", probe=False)
+    train(model.eval(), tmp_path / "c.zarr", probe=False)  # the identity: records
+    assert validate_trace(tmp_path / "c.zarr").ok
