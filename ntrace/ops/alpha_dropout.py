@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 import torch.nn.functional as F
 from torch import nn
 
-from ntrace.ops.base import PassthroughOp, arg
+from ntrace.ops.base import PassthroughOp
+from ntrace.ops.dropout import dropout_module
 
 
 class AlphaDropout(PassthroughOp):
@@ -23,8 +24,7 @@ class AlphaDropout(PassthroughOp):
     @classmethod
     def as_module(cls, func: Callable[..., Any], args: tuple[Any, ...],
                   kwargs: dict[str, Any]) -> nn.Module:
-        module = cls.modules[cls.functions.index(func)](float(arg(args, kwargs, 1, "p", 0.5)))
-        return module.train(bool(arg(args, kwargs, 2, "training", False)))
+        return dropout_module(cls, func, args, kwargs, training=False)
 
     @classmethod
     def unsupported(cls, name: str, module: nn.Module) -> str | None:

@@ -80,15 +80,23 @@ FORMS: dict[str, tuple[Callable[[torch.Tensor, nn.Module], torch.Tensor], nn.Mod
 }
 
 
-class Form(nn.Module):
-    def __init__(self, form: str) -> None:
+Between = Callable[[torch.Tensor, nn.Module], torch.Tensor]
+
+
+class TwoLayers(nn.Module):
+    """``fc2(between(fc1(x), self))``; ``slopes`` (PReLU's) and ``gate`` (a buffer) are there
+    for ``between`` to use."""
+
+    def __init__(self, between: Between, seed: int) -> None:
         super().__init__()
+        torch.manual_seed(seed)
         self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 3)
         self.slopes = nn.Parameter(torch.full((5,), 0.25))
-        self.form = FORMS[form][0]
+        self.register_buffer("gate", torch.linspace(-1, 1, 5))
+        self.between = between
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.form(self.fc1(x), self))
+        return self.fc2(self.between(self.fc1(x), self))
 
 
 @pytest.mark.parametrize("form", list(FORMS))
@@ -96,8 +104,7 @@ def test_every_call_form_is_recorded_as_its_module_form(tmp_path: Path, form: st
     """The activation a functional call gives a layer is the one its module form gives (the
     same op describes both), with its states; the trace conforms."""
     def make() -> nn.Module:
-        torch.manual_seed(1)
-        return Form(form)
+        return TwoLayers(FORMS[form][0], 1)
 
     model = make()
     x = train(model, tmp_path / "t.zarr", probe=False)
@@ -304,18 +311,8 @@ def test_attention_records_and_random_attention_dropout_is_refused(tmp_path: Pat
 
 def test_functional_ops_on_parameters_are_not_per_sample(tmp_path: Path) -> None:
     """``F.relu`` of a tensor without the batch axis (a gate) has no per-sample state."""
-    class Gated(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 3)
-            self.register_buffer("gate", torch.linspace(-1, 1, 5))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc2(self.fc1(x) * F.relu(self.gate))
-
     def make() -> nn.Module:
-        torch.manual_seed(5)
-        return Gated()
+        return TwoLayers(lambda a, m: a * F.relu(m.gate), 5)
 
     x = train(make(), tmp_path / "g.zarr", probe=False)
     tr = open_trace(tmp_path / "g.zarr")
@@ -324,18 +321,9 @@ def test_functional_ops_on_parameters_are_not_per_sample(tmp_path: Path) -> None
 
 
 def test_functional_max_pool_with_indices_records_its_winners(tmp_path: Path) -> None:
-    class Pool(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h, _ = F.max_pool1d(self.fc1(x)[:, None], 3, 1, 1, return_indices=True)
-            return self.fc2(h[:, 0])
-
     def make() -> nn.Module:
-        torch.manual_seed(6)
-        return Pool()
+        return TwoLayers(lambda a, m: F.max_pool1d(a[:, None], 3, 1, 1, return_indices=True)
+                         [0][:, 0], 6)
 
     x = train(make(), tmp_path / "p.zarr", probe=False)
     tr = open_trace(tmp_path / "p.zarr")
@@ -354,17 +342,10 @@ def test_functional_max_pool_with_indices_records_its_winners(tmp_path: Path) ->
 
 def test_alpha_dropout_is_refused_in_training_mode_naming_the_call(tmp_path: Path) -> None:
     """Its random affine correction cannot be replayed (before: silently wrong Jacobians)."""
-    class Alpha(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc2(F.alpha_dropout(torch.relu(self.fc1(x)), 0.2, self.training))
-
     with pytest.raises(UnsupportedModelError, match=r"call alpha_dropout\(\) \(AlphaDropout\) "
                                                     r"is in training mode.*training=False"):
-        train(Alpha(), tmp_path / "a.zarr", probe=False)
+        train(TwoLayers(lambda a, m: F.alpha_dropout(torch.relu(a), 0.2, m.training), 7),
+              tmp_path / "a.zarr", probe=False)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.AlphaDropout(0.2), nn.Linear(5, 3))
     with pytest.raises(UnsupportedModelError, match=r"model.2.eval\(\)"):
         train(model, tmp_path / "b.zarr", probe=False)
