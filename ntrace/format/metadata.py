@@ -22,10 +22,11 @@ ATTR_KEY = "ntrace"
 
 LOSS_IDS = ("mse", "cross_entropy", "bce_with_logits", "nll")
 CLASS_TARGET_LOSSES = ("cross_entropy", "nll")  # targets are class indices
-ACTIVATIONS = ("relu", "leaky_relu", "prelu", "hardtanh", "identity")
+ACTIVATIONS = ("relu", "leaky_relu", "prelu", "hardtanh", "identity", "smooth")
+STATE_ACTIVATIONS = ("relu", "leaky_relu", "prelu", "hardtanh")  # piecewise linear: states
 LAYER_KINDS = ("linear", "conv", "conv_transpose", "embedding")
 STRUCTURES = ("chain", "graph")
-MODULE_KINDS = ("maxpool", "dropout")
+MODULE_KINDS = ("maxpool", "dropout", "activation")
 STATUSES = ("running", "complete", "aborted")
 SAMPLE_POLICIES = ("first",)
 JACOBIAN_KINDS = ("stored", "identity")
@@ -363,7 +364,9 @@ class Activation:
     ``relu``: max(a, 0); ``leaky_relu``: a for a > 0 else ``negative_slope``·a; ``prelu``: the
     same with trained slopes, recorded per Taylor round in the layer's ``slope`` array
     (``num_parameters`` of them: 1 shared or one per neuron); ``hardtanh``: clamp(a, ``min_val``,
-    ``max_val``) (ReLU6 is hardtanh(0, 6)); ``identity``: no activation, no mask.
+    ``max_val``) (ReLU6 is hardtanh(0, 6)); ``identity``: no activation, no mask; ``smooth``
+    (1.3): a differentiable function named by ``function`` (``gelu``, ``tanh``, ``softmax``…),
+    not necessarily elementwise, with no states: Jacobians through it are exact by autograd.
     """
 
     kind: str
@@ -371,6 +374,7 @@ class Activation:
     min_val: float | None = None
     max_val: float | None = None
     num_parameters: int | None = None
+    function: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "negative_slope": self.negative_slope}
@@ -378,6 +382,8 @@ class Activation:
             out.update(min_val=self.min_val, max_val=self.max_val)
         if self.kind == "prelu":
             out["num_parameters"] = self.num_parameters
+        if self.kind == "smooth":
+            out["function"] = self.function
         return out
 
     @classmethod
@@ -398,11 +404,18 @@ class Activation:
         count = None
         if kind == "prelu":
             count = parse_int(_req(d, "num_parameters", where), f"{where}.num_parameters", 1)
-        return cls(kind=kind, negative_slope=slope, min_val=lo, max_val=hi, num_parameters=count)
+        function = None
+        if kind == "smooth":
+            function = parse_str(_req(d, "function", where), f"{where}.function")
+            if not function:
+                raise _fail(f"{where}.function", "must name the function")
+        return cls(kind=kind, negative_slope=slope, min_val=lo, max_val=hi, num_parameters=count,
+                   function=function)
 
     @property
     def has_mask(self) -> bool:
-        return self.kind != "identity"
+        """Whether the activation has states (a piecewise-linear kind)."""
+        return self.kind in STATE_ACTIVATIONS
 
     @property
     def threshold(self) -> float:
@@ -566,21 +579,27 @@ def _parse_geometry(d: Mapping[str, Any], where: str) -> Geometry | None:
 
 @dataclass(frozen=True)
 class ModuleAttrs:
-    """A parameter-free module whose per-sample state is recorded (format 1.1): ``maxpool``
-    (which input won each window) or ``dropout`` (which inputs were kept)."""
+    """A parameter-free call whose per-sample state is recorded (format 1.1): ``maxpool``
+    (which input won each window), ``dropout`` (which inputs were kept) or, 1.3,
+    ``activation``: a piecewise-linear activation not applied directly to a tracked layer's
+    output (after a residual addition, a normalisation), described by ``activation``."""
 
     name: str
     kind: str
     input_shape: tuple[int, ...]
     format_version: str = FORMAT_VERSION
+    activation: Activation | None = None  # kind "activation" only
 
     @property
     def units(self) -> int:
         return math.prod(self.input_shape)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": self.format_version, "node": "module", "name": self.name,
-                "kind": self.kind, "input_shape": list(self.input_shape)}
+        out = {"format_version": self.format_version, "node": "module", "name": self.name,
+               "kind": self.kind, "input_shape": list(self.input_shape)}
+        if self.activation is not None:
+            out["activation"] = self.activation.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: object, where: str = "module attributes") -> ModuleAttrs:
@@ -591,11 +610,18 @@ class ModuleAttrs:
         raw = _req(d, "input_shape", where)
         if not isinstance(raw, list | tuple) or not raw:
             raise _fail(f"{where}.input_shape", "expected a non-empty list of integers")
+        kind = parse_str(_req(d, "kind", where), f"{where}.kind", MODULE_KINDS)
+        act = None
+        if kind == "activation":
+            act = Activation.from_dict(_req(d, "activation", where), f"{where}.activation")
+            if not act.has_mask:
+                raise _fail(f"{where}.activation.kind", "must be a kind with states "
+                                                        f"({', '.join(STATE_ACTIVATIONS)})")
         return cls(name=parse_layer_name(_req(d, "name", where), f"{where}.name"),
-                   kind=parse_str(_req(d, "kind", where), f"{where}.kind", MODULE_KINDS),
+                   kind=kind,
                    input_shape=tuple(parse_int(v, f"{where}.input_shape[{i}]", 1)
                                      for i, v in enumerate(raw)),
-                   format_version=str(version))
+                   format_version=str(version), activation=act)
 
 
 @dataclass(frozen=True)

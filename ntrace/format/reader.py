@@ -306,7 +306,8 @@ def load_structure(root: Any, where: str) -> Structure:
     if "probe" in root:
         try:
             probe_units = ProbeUnits.from_dict(node_attrs(root["probe"].attrs.asdict(), "probe"))
-            unknown = [u for u in probe_units.layers if u not in attrs.layers]
+            unknown = [u for u in probe_units.layers
+                       if u not in attrs.layers and u not in attrs.modules]
             if unknown:
                 reasons.append(f"probe: units name layers not in the trace: {unknown}")
             size = int(root["probe/sample_index"].shape[0])
@@ -319,7 +320,7 @@ def load_structure(root: Any, where: str) -> Structure:
     modules, module_reasons = load_modules(root, attrs)
     reasons += module_reasons
     layouts = expected_layouts(attrs, layers, tracked_counts, probe_shape, modules)
-    reasons += check_nodes(root, attrs, layers, probe_units)
+    reasons += check_nodes(root, attrs, layers, probe_units, modules)
     reasons += _check_arrays(root, attrs, layouts)
     reasons += check_documents(root.store, attrs, layouts)
     expect_chunks(root.store, attrs, layouts)
@@ -338,7 +339,8 @@ def expect_chunks(store: Any, attrs: TraceAttrs, layouts: Mapping[str, L.ArrayLa
 
 
 def check_nodes(root: Any, attrs: TraceAttrs, layers: Mapping[str, LayerAttrs],
-                 units: ProbeUnits | None) -> list[str]:
+                 units: ProbeUnits | None, modules: Mapping[str, ModuleAttrs] | None = None
+                 ) -> list[str]:
     """What the attribute documents must say about each other (spec 'Hierarchy')."""
     r: list[str] = []
     for gpath, kind in GROUP_NODES.items():
@@ -396,12 +398,16 @@ def check_nodes(root: Any, attrs: TraceAttrs, layers: Mapping[str, LayerAttrs],
     if probe_size and held != probe_size:
         r.append(f"probe/sample_index: holds {held} probe points but sampling.probe_size is "
                  f"{probe_size}")
-    if units is not None and len(chain) == len(attrs.layers):
+    mods = modules or {}
+    if units is not None and len(chain) == len(attrs.layers) and len(mods) == len(attrs.modules):
         want = [(la.name, la.shape.units) for la in chain if la.activation.has_mask]
+        want_mods = [(m.name, m.units) for m in mods.values() if m.kind == "activation"]
         have = list(zip(units.layers, units.counts, strict=True))
-        if have != want:
-            r.append(f"probe: units {have} do not list every layer with a non-identity "
-                     f"activation in network order with its out_features; expected {want}")
+        if ([u for u in have if u[0] in layers] != want
+                or [u for u in have if u[0] not in layers] != want_mods):
+            r.append(f"probe: units {have} do not list every layer with a piecewise-linear "
+                     "activation (and every activation module) in network order with its "
+                     f"units; expected {want + want_mods}")
     return r
 
 

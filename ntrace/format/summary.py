@@ -97,7 +97,8 @@ def _summarize(tr: Trace) -> Summary:
     s.header = header + ([("approximation", note)] if note else [])
     for name, la in tr.layers.items():
         s.layers.append((name, la.kind, f"{la.out_features}×{la.in_features}"
-                         + ("+b" if la.bias else ""), la.activation.kind,
+                         + ("+b" if la.bias else ""), la.activation.kind + (
+                             f" ({la.activation.function})" if la.activation.function else ""),
                          str(tr.layouts[f"layers/{name}/tracked"].tail[0]), la.jacobian))
     listing = stored_sizes(tr.root.store)  # one listing of the trace
     sizes: dict[str, int] = {}  # stored bytes per array

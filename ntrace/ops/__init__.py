@@ -9,14 +9,22 @@ needs an entry only when a new name appears there. Roles (:mod:`ntrace.ops.base`
   designs, chain pullback); looked up by module type or by the ``kind`` stored on disk;
 - ``activation``: piecewise linear, its states recorded (:class:`ActivationOp`: attributes,
   slope, states, recorded parameter); its math is looked up by the ``kind`` stored on disk;
-- ``state``: parameter-free with a per-sample state (max-pool winners, dropout masks);
+- ``state``: parameter-free with a per-sample state (max-pool winners, dropout masks, the
+  states of an activation not directly after a tracked layer);
 - ``passthrough``: nothing to record.
+
+Each op also lists its functional forms (``functions``); the recorder logs their calls in
+recorded forwards and turns each into the equivalent module (:meth:`Op.as_module`), so both
+forms share one definition. ``FUNCTIONS`` maps each to its op.
 """
 
 from __future__ import annotations
 
 from ntrace.format.metadata import Activation, LayerAttrs
 from ntrace.ops import (
+    activation_state,
+    alpha_dropout,
+    attention,
     conv,
     conv_transpose,
     dropout,
@@ -26,10 +34,12 @@ from ntrace.ops import (
     leaky_relu,
     linear,
     maxpool,
+    norm,
     passthrough,
     prelu,
     relu,
     rrelu,
+    smooth,
 )
 from ntrace.ops.base import (
     ACTIVATION,
@@ -45,14 +55,15 @@ from ntrace.ops.base import (
 
 __all__ = ["ACTIVATION", "LAYER", "PASSTHROUGH", "STATE", "ActivationOp", "LayerOp", "Op",
            "PassthroughOp", "StateOp", "OPS", "recognise", "layer_op", "activation_op",
-           "supported", "grad_nodes"]
+           "supported", "grad_nodes", "FUNCTIONS"]
 
 OPS: tuple[type[Op], ...] = (
     linear.Linear, conv.Conv, conv_transpose.ConvTranspose, embedding.Embedding,
     identity.Identity, relu.ReLU, leaky_relu.LeakyReLU, prelu.PReLU, hardtanh.Hardtanh,
-    rrelu.RReLU,
-    maxpool.MaxPool, dropout.Dropout,
-    passthrough.Passthrough, passthrough.BatchNorm,
+    rrelu.RReLU, smooth.Smooth,
+    maxpool.MaxPool, dropout.Dropout, activation_state.ActivationStates,
+    passthrough.Passthrough, passthrough.BatchNorm, norm.Norm, attention.Attention,
+    alpha_dropout.AlphaDropout,
 )
 
 
@@ -67,6 +78,8 @@ def _by_name(role: str) -> dict[str, type[Op]]:
 
 
 BY_MODULE: dict[type, type[Op]] = {m: op for op in OPS for m in op.modules}
+# functional forms (F.relu, torch.relu_, Tensor.relu, F.max_pool2d…) → their op
+FUNCTIONS: dict[object, type[Op]] = {f: op for op in OPS for f in op.functions}
 LAYERS: dict[str, type[LayerOp]] = _by_name(LAYER)  # type: ignore[assignment]
 ACTIVATIONS: dict[str, type[ActivationOp]] = _by_name(ACTIVATION)  # type: ignore[assignment]
 STATES: dict[str, type[StateOp]] = _by_name(STATE)  # type: ignore[assignment]

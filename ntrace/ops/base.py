@@ -4,10 +4,10 @@ An op is a class (never instantiated, except a layer op bound to one layer's geo
 
 - **recognition**: ``modules``, the torch module types that are this op (matched by exact
   type; pass-through ops also match subclasses), and ``functions``, the functional call forms
-  (``F.relu``, ``torch.relu``). The functional slot is declared here and left empty: the
-  model-coverage issue fills it and teaches the recorder to log such calls. ``grad_nodes``
-  names the autograd nodes the op produces, so that the recorder can say when one appears
-  outside a module call;
+  (``F.relu``, ``torch.relu``, ``Tensor.relu_``), which :meth:`Op.as_module` turns into the
+  equivalent module, so that a functional call is recognised, described and recorded by the
+  same code as a module call. ``grad_nodes`` names the autograd nodes the op produces, so that
+  the recorder can say when one appears outside any call it saw;
 - ``label``: how messages name the op (``"Conv1d/2d/3d"``);
 - ``unsupported``: a reason why a module of this type cannot be recorded *in its current
   state* (random in training mode, say), handled by the ``unsupported`` policy like an
@@ -37,7 +37,7 @@ class Op:
     role: ClassVar[str]
     label: ClassVar[str] = ""
     modules: ClassVar[tuple[type[nn.Module], ...]] = ()
-    functions: ClassVar[tuple[Callable[..., Any], ...]] = ()  # functional forms: not used yet
+    functions: ClassVar[tuple[Callable[..., Any], ...]] = ()  # functional forms
     grad_nodes: ClassVar[tuple[str, ...]] = ()  # autograd node name prefixes it produces
     subclasses: ClassVar[bool] = False  # also recognise subclasses of ``modules``
 
@@ -45,6 +45,24 @@ class Op:
     def unsupported(cls, name: str, module: nn.Module) -> str | None:
         """Why ``module`` cannot be recorded as it is (and what to do), or ``None``."""
         return None
+
+    @classmethod
+    def as_module(cls, func: Callable[..., Any], args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> nn.Module:
+        """The module equivalent to the call ``func(*args, **kwargs)`` of one of
+        ``functions`` (its input is ``args[0]``)."""
+        return cls.modules[0]()
+
+
+def arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, default: Any) -> Any:
+    """Argument ``name`` (position ``i``, the input being 0) of a functional call."""
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def function_name(func: Callable[..., Any]) -> str:
+    """How a functional call is named in a trace: ``relu`` for ``F.relu``, ``torch.relu_``
+    and ``Tensor.relu``, ``max_pool2d`` for ``F.max_pool2d_with_indices``."""
+    return getattr(func, "__name__", "call").removesuffix("_with_indices").strip("_")
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,22 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ntrace.ops.base import StateOp
+from ntrace.ops.base import Op, StateOp, arg
 
 
 class Dropout(StateOp):
     name: ClassVar[str] = "dropout"
     label: ClassVar[str] = "Dropout"
     modules = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+    functions = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
+
+    @classmethod
+    def as_module(cls, func: Callable[..., Any], args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> nn.Module:
+        return dropout_module(cls, func, args, kwargs, training=True)
 
     @classmethod
     def active(cls, module: nn.Module) -> bool:
@@ -40,6 +47,14 @@ class Dropout(StateOp):
             return a[0] * keep_scale
 
         return hook
+
+
+def dropout_module(op: type[Op], func: Callable[..., Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any], training: bool) -> nn.Module:
+    """The module of a dropout-like call ``func(input, p, training)``: ``op``'s module at the
+    position of ``func`` in its functions, in the call's mode (default ``training``)."""
+    module = op.modules[op.functions.index(func)](float(arg(args, kwargs, 1, "p", 0.5)))
+    return module.train(bool(arg(args, kwargs, 2, "training", training)))
 
 
 @contextlib.contextmanager

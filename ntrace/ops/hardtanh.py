@@ -4,20 +4,31 @@ inside, 0 at and beyond the bounds (torch)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ntrace.format.metadata import Activation
-from ntrace.ops.base import ActivationOp
+from ntrace.ops.base import ActivationOp, arg
 
 
 class Hardtanh(ActivationOp):
     name: ClassVar[str] = "hardtanh"
     label: ClassVar[str] = "Hardtanh, ReLU6"
     modules = (nn.Hardtanh, nn.ReLU6)
+    functions = (F.hardtanh, F.hardtanh_, F.relu6)
     grad_nodes = ("Hardtanh",)
+
+    @classmethod
+    def as_module(cls, func: Callable[..., Any], args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> nn.Module:
+        if func is F.relu6:
+            return nn.ReLU6()
+        return nn.Hardtanh(float(arg(args, kwargs, 1, "min_val", -1.0)),
+                           float(arg(args, kwargs, 2, "max_val", 1.0)))
 
     @classmethod
     def describe(cls, module: nn.Module) -> Activation:

@@ -3,20 +3,32 @@ recorded each Taylor round in the layer's ``slope`` array."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ntrace.format.metadata import Activation
-from ntrace.ops.base import ActivationOp
+from ntrace.ops.base import ActivationOp, arg
 
 
 class PReLU(ActivationOp):
     name: ClassVar[str] = "prelu"
     label: ClassVar[str] = "PReLU"
     modules = (nn.PReLU,)
+    functions = (F.prelu,)  # torch.prelu
     grad_nodes = ("Prelu",)
+
+    @classmethod
+    def as_module(cls, func: Callable[..., Any], args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> nn.Module:
+        weight = arg(args, kwargs, 1, "weight", None)
+        module = nn.PReLU(int(weight.numel()))
+        del module.weight
+        module.weight = weight  # the caller's tensor: its slopes as they are trained
+        return module
 
     @classmethod
     def describe(cls, module: nn.Module) -> Activation:

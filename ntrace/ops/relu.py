@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ntrace.format.metadata import Activation
@@ -15,6 +16,8 @@ class ReLU(ActivationOp):
     name: ClassVar[str] = "relu"
     label: ClassVar[str] = "ReLU"
     modules = (nn.ReLU,)
+    functions = (F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu,
+                 torch.Tensor.relu_)
     grad_nodes = ("Relu", "Threshold")
     chain: ClassVar[bool] = True
 

@@ -21,7 +21,7 @@ from ntrace.ops.dropout import dropout_off
 from ntrace.recording.batchnorm import BatchNormGuard, gradients, parameters, relative_error
 from ntrace.recording.graph_jacobian import choose_modes, jacobian_forward, jacobians_reverse
 from ntrace.recording.jacobian import jacobians_recursive
-from ntrace.recording.structure import CallLog, Structure, Watcher
+from ntrace.recording.structure import CallLog, StateModule, Structure, Watcher
 
 
 def _slice(value: Any, b: int, s: int) -> Any:
@@ -44,7 +44,7 @@ class Extractor:
         self.watcher = watcher
         self.max_bytes = max_bytes
         self.mode = mode
-        self.mask_layers = [la for la in structure.layers if la.activation.has_mask]
+        self.state_units = structure.state_units()  # the probe configuration's units
 
     # -- Taylor rounds -------------------------------------------------------------------
     def layers(self, log: CallLog) -> dict[str, LayerRound]:
@@ -69,7 +69,8 @@ class Extractor:
                 low, high = act.states(la.activation, a)
                 low = low.reshape(s, -1)
                 high = None if high is None else high.reshape(s, -1)
-                slope = act.parameter(la.act_module)  # type: ignore[arg-type]
+                slope = act.parameter(calls[la.act_call].module  # type: ignore[index]
+                                      if la.act_call is not None else la.act_module)
             x = calls[la.call_index].input[:s].detach()
             bias = la.op.bias(la.module)
             out[la.name] = LayerRound(W, x, None if bias is None else bias.detach(),
@@ -91,10 +92,11 @@ class Extractor:
         def run() -> torch.Tensor:
             return self.model(*args, **kwargs).reshape(n, p)
 
-        handles = [m.register_forward_hook(h) for m, h in self._replay(log, n)]
+        replay, calls = self._replay(log, n)
+        handles = [m.register_forward_hook(h) for m, h in replay]
         self.watcher.paused = True
         try:
-            with dropout_off(self.model), batchnorm:
+            with dropout_off(self.model), self.watcher.replacing(calls), batchnorm:
                 yield run
         finally:
             self.watcher.paused = False
@@ -139,16 +141,22 @@ class Extractor:
                 fixed = gradients(loss(run()), params)
         return {name: relative_error(fixed[name], true[name]) for name in params}
 
-    def _replay(self, log: CallLog, n: int) -> list[tuple[nn.Module, Any]]:
-        """Hooks making each random call (dropout) of an extra forward of the first ``n``
-        samples repeat the training call."""
-        replay = []
+    def _replay(self, log: CallLog, n: int
+                ) -> tuple[list[tuple[nn.Module, Any]], dict[str, Any]]:
+        """What makes each random call (dropout) of an extra forward of the first ``n``
+        samples repeat the training call: forward hooks of modules, and replacements of
+        functional calls by name (``Watcher.replacing``)."""
+        replay, calls = [], {}
         for m in self.structure.modules:
             call = log.calls[m.call_index]
-            hook = m.op.replay(m.module, call.input[:n], call.output[:n])
-            if hook is not None:
+            hook = m.op.replay(call.module, call.input[:n], call.output[:n])
+            if hook is None:
+                continue
+            if m.functional:
+                calls[call.name] = lambda x, h=hook, mod=call.module: h(mod, (x,), None)
+            else:
                 replay.append((m.module, hook))
-        return replay
+        return replay, calls
 
     def module_states(self, log: CallLog) -> dict[str, torch.Tensor]:
         """Max-pool winners and dropout keep-masks of the recorded samples, (s, units) bool."""
@@ -156,19 +164,31 @@ class Extractor:
         for m in self.structure.modules:
             call = log.calls[m.call_index]
             x = call.input[:self.s].detach()
-            out[m.name] = m.op.states(m.module, x, call.output[:self.s]).reshape(self.s, -1)
+            out[m.name] = m.states(call.module, x, call.output[:self.s]).reshape(self.s, -1)
         return out
 
     # -- probe snapshots -------------------------------------------------------------------
     def probe_states(self, probe: torch.Tensor) -> torch.Tensor:
-        """States of every unit of every layer with an activation on the probe set, (D, M)."""
+        """States of every unit with states (layers with a piecewise-linear activation,
+        activation modules) on the probe set, (D, M); dropout off, functional calls too."""
         self.watcher.capture = True
-        with torch.no_grad(), dropout_off(self.model), self.batchnorm.running():
+        off = {m.name: _identity for m in self.structure.modules
+               if m.functional and m.kind == "dropout"}
+        with torch.no_grad(), dropout_off(self.model), self.watcher.replacing(off), \
+                self.batchnorm.running():
             self.model(probe)
         calls = self.watcher.log.calls
         parts = []
-        for la in self.mask_layers:
-            a = la.op.neurons_first(calls[la.call_index].output)
-            low = ops.activation_op(la.activation).states(la.activation, a)[0]
+        for u in self.state_units:
+            if isinstance(u, StateModule):
+                c = calls[u.call_index]
+                low = u.states(c.module, c.input, c.output)
+            else:
+                a = u.op.neurons_first(calls[u.call_index].output)
+                low = ops.activation_op(u.activation).states(u.activation, a)[0]
             parts.append(low.reshape(len(probe), -1))
         return torch.cat(parts, dim=1)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x

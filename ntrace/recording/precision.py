@@ -47,11 +47,12 @@ def float32_forward(model: nn.Module, watcher: Watcher, extractor: Extractor,
     forward and the BatchNorm error measure read float32 statistics of the same batch."""
     b = log.output.shape[0]
     # the replays run before the watcher's hooks, so that it logs what flows on
-    handles = [m.register_forward_hook(h, prepend=True) for m, h in extractor._replay(log, b)]
+    replay, calls = extractor._replay(log, b)
+    handles = [m.register_forward_hook(h, prepend=True) for m, h in replay]
     capture, watcher.capture = watcher.capture, True
     try:
         with torch.no_grad(), torch.autocast(log.output.device.type, enabled=False), \
-                dropout_off(model), extractor.batchnorm.batch():
+                dropout_off(model), watcher.replacing(calls), extractor.batchnorm.batch():
             model(*log.args, **log.kwargs)
     finally:
         watcher.capture = capture

@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import types
+import warnings
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -65,7 +66,7 @@ from ntrace.recording.distributed import current_group, unwrap
 from ntrace.recording.extract import Extractor
 from ntrace.recording.precision import float32_forward, is_low_precision, loss_check_rtol
 from ntrace.recording.state import capture, restore
-from ntrace.recording.structure import POLICIES, Structure, Watcher, discover
+from ntrace.recording.structure import POLICIES, StateModule, Structure, Watcher, discover
 
 MAX_BATCHED_ROUNDS = 64  # loss-only rounds handed to the writer thread together
 DEFAULT_JACOBIAN_MEMORY = 256 << 20  # bytes for one chunk of batched Jacobian products
@@ -380,17 +381,22 @@ class Recorder:
             self.tracked[la.name] = torch.as_tensor(idx, device=self._device)
             identity = st.identity_output and la is st.layers[-1]
             layer_attrs.append(la.attrs(i, "identity" if identity else "stored"))
-        modules = [ModuleAttrs(m.name, m.kind, m.input_shape) for m in st.modules]
+        modules = [m.attrs() for m in st.modules]
         self._extract = Extractor(self.model, st, self.tracked, self.sampling.samples_per_round,
                                   self._watcher, self.max_jacobian_memory, self.jacobian_mode,
                                   self._bn)
         probe_setup = None
+        state_units = self._extract.state_units
+        if self.probe is not None and not state_units:
+            warnings.warn("ntrace: the model has no units with activation states (no ReLU-"
+                          "family activation: smooth ones have none), so the probe set is not "
+                          "recorded and there is no exploration to analyse", stacklevel=3)
+            self.probe = None
+            self.sampling = replace(self.sampling, probe_every=0, probe_size=0)
         if self.probe is not None:
-            mask_layers = self._extract.mask_layers
-            units = ProbeUnits(tuple(la.name for la in mask_layers),
-                               tuple(la.geometry.units for la in mask_layers))
-            if not units.layers:
-                raise UsageError("a probe set was given but the model has no hidden activation")
+            units = ProbeUnits(tuple(u.name for u in state_units),
+                               tuple(math.prod(u.input_shape) if isinstance(u, StateModule)
+                                     else u.geometry.units for u in state_units))
             self.probe = self.probe.to(self._device)
             features = self.probe.reshape(len(self.probe), -1).cpu().float().numpy()
             probe_setup = ProbeSetup(self.probe_index, features, units)

@@ -1,7 +1,10 @@
 """Finding the tracked layers of a model by watching one forward pass.
 
 Forward hooks on every leaf module log ``(module, input, output)`` for the current call of
-the root model. ``discover`` recognises each call's op in the registry (:mod:`ntrace.ops`),
+the root model, and functional calls of registered ops (``F.relu``, ``x.relu_()``,
+``F.max_pool2d``…) are logged alike with their equivalent module
+(:mod:`ntrace.recording.functional`). ``discover`` recognises each call's op in the registry
+(:mod:`ntrace.ops`),
 dispatches on its role, and turns the log into a :class:`Structure`: the tracked layers
 (modules linear in their weights) in call order, the activation applied directly to each
 layer's output, the max-pool and dropout calls whose states are recorded, and whether the
@@ -11,8 +14,9 @@ format 1.0's layout) or a general *graph* (Jacobians by autograd).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +25,9 @@ from torch import nn
 
 from ntrace import ops
 from ntrace.errors import UnsupportedModelError, UsageError
-from ntrace.format.metadata import Activation, Geometry, LayerAttrs
+from ntrace.format.metadata import Activation, Geometry, LayerAttrs, ModuleAttrs
+from ntrace.ops.activation_state import ActivationStates
+from ntrace.recording.functional import FunctionalCalls, Replacement
 
 POLICIES = ("error", "warn", "skip")
 
@@ -29,9 +35,11 @@ POLICIES = ("error", "warn", "skip")
 @dataclass
 class Call:
     name: str
-    module: nn.Module
+    module: nn.Module  # for a functional call, the equivalent module
     input: Any
     output: Any
+    functional: bool = False
+    per_sample: bool = True  # False: a functional call on a tensor without the batch axis
 
 
 @dataclass
@@ -59,17 +67,29 @@ class TrackedLayer:
 
 @dataclass
 class StateModule:
-    """A max-pool or dropout call whose per-sample state is recorded."""
+    """A max-pool, dropout or activation call whose per-sample state is recorded."""
 
     name: str
     module: nn.Module
     kind: str
     call_index: int
     input_shape: tuple[int, ...]
+    functional: bool = False
+    activation: Activation | None = None  # kind "activation": the activation and its op
+    act_op: type[ops.ActivationOp] | None = None
 
     @property
     def op(self) -> type[ops.StateOp]:
         return ops.STATES[self.kind]
+
+    def states(self, module: nn.Module, x: torch.Tensor, y: Any) -> torch.Tensor:
+        """The state of each input unit of one call, bool, shaped like ``x``."""
+        if self.act_op is not None:
+            return ActivationStates.of(self.act_op, self.activation, x)  # type: ignore[arg-type]
+        return self.op.states(module, x, y)
+
+    def attrs(self) -> ModuleAttrs:
+        return ModuleAttrs(self.name, self.kind, self.input_shape, activation=self.activation)
 
 
 @dataclass
@@ -78,6 +98,15 @@ class Structure:
     modules: list[StateModule]
     kind: str  # "chain" | "graph"
     identity_output: bool  # the last layer's output is the model output, no activation
+
+    def state_units(self) -> list[TrackedLayer | StateModule]:
+        """What has activation states, in call order: the layers with a piecewise-linear
+        activation and the activation modules (the probe configuration's units)."""
+        units: list[TrackedLayer | StateModule] = [la for la in self.layers
+                                                   if la.activation.has_mask]
+        units += [m for m in self.modules if m.kind == "activation"]
+        return sorted(units, key=lambda u: u.act_call if isinstance(u, TrackedLayer)
+                      else u.call_index)  # type: ignore[return-value]
 
 
 @dataclass
@@ -105,9 +134,12 @@ class Watcher:
             self._names[model] = type(model).__name__.lower()
             self._handles.append(model.register_forward_hook(self._leaf))  # before _post_root
         self._handles.append(model.register_forward_hook(self._post_root))
+        leaves = set()
         for _name, m in model.named_modules():
             if m is not model and not any(True for _ in m.children()):
                 self._handles.append(m.register_forward_hook(self._leaf))
+                leaves.add(id(m))
+        self.functional = FunctionalCalls(self._names, leaves, self._function)
 
     def _pre_root(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         self.begin(args, kwargs)
@@ -117,11 +149,30 @@ class Watcher:
         it yourself when attaching from inside the root's own pre-hooks)."""
         if not self.paused:
             self.log = CallLog(active=self.capture, args=tuple(args), kwargs=dict(kwargs))
+        if self.log.active and not self.paused or self.paused and self.functional.replace:
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            self.functional.start(x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else None)
 
     def _post_root(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.functional.stop()
         if self.log.active and not self.paused:
             self.log.output = output
             self.log.active = False
+
+    def _function(self, name: str, module: nn.Module, x: torch.Tensor, output: Any,
+                  per_sample: bool) -> None:
+        if self.log.active and not self.paused:
+            self.log.calls.append(Call(name, module, x, output, True, per_sample))
+
+    @contextlib.contextmanager
+    def replacing(self, calls: dict[str, Replacement]) -> Iterator[None]:
+        """Extra forwards (paused or captured) in which the named functional calls are
+        replaced by functions of their input."""
+        self.functional.replace = calls
+        try:
+            yield
+        finally:
+            self.functional.replace = {}
 
     def _leaf(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self.log.active or self.paused:
@@ -130,6 +181,7 @@ class Watcher:
         self.log.calls.append(Call(self._names.get(module, "?"), module, x, output))
 
     def remove(self) -> None:
+        self.functional.stop()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -155,6 +207,8 @@ def discover(log: CallLog, model: nn.Module, unsupported: str = "error") -> Stru
     found = _Found()
     for i, c in enumerate(calls):
         op = ops.recognise(c.module)
+        if not c.per_sample:
+            continue  # F.relu on a weight, say: no per-sample state
         if op is None:
             _unsupported(c, unsupported)
         elif (why := op.unsupported(c.name, c.module)) is not None:
@@ -198,16 +252,21 @@ class _Found:
 
     def activation(self, op: type[ops.ActivationOp], i: int, c: Call) -> None:
         owner = self.by_output.get(id(c.input))
+        act = op.describe(c.module)
         if owner is not None and owner.act_module is None:
-            owner.activation, owner.act_module, owner.act_call = op.describe(c.module), c.module, i
+            owner.activation, owner.act_module, owner.act_call = act, c.module, i
+        elif act.has_mask:  # after a residual addition, a normalisation: a module's states
+            self.state(ActivationStates, i, c, act, op)
 
-    def state(self, op: type[ops.StateOp], i: int, c: Call) -> None:
+    def state(self, op: type[ops.StateOp], i: int, c: Call, activation: Activation | None = None,
+              act_op: type[ops.ActivationOp] | None = None) -> None:
         if not op.active(c.module):
             return  # dropout in eval mode: the identity
         k = self.state_calls.get(id(c.module), 0)
         self.state_calls[id(c.module)] = k + 1
         self.modules.append(StateModule(c.name if k == 0 else f"{c.name}@{k}", c.module, op.name,
-                                        i, tuple(c.input.shape[1:])))
+                                        i, tuple(c.input.shape[1:]), c.functional, activation,
+                                        act_op))
 
     def passthrough(self, op: type[ops.PassthroughOp], i: int, c: Call) -> None:
         op.check(c.name, c.module)
@@ -243,19 +302,21 @@ def _refused(why: str, policy: str) -> None:
                   "warn|skip) to record the rest without it", "; recording the rest")
 
 
-# autograd nodes of nonlinear elementwise ops; outside a module call ntrace cannot see them:
-# those of the recorded ops, and others
-NONLINEAR_NODES = (*ops.grad_nodes(), "Elu", "Gelu", "Silu", "Tanh", "Sigmoid", "Softplus",
-                   "Mish", "Hardswish", "Hardsigmoid", "Clamp")
+# autograd nodes of piecewise-linear ops with states: those of the recorded ops (a call of
+# which the recorder did not log: inside an unsupported module skipped by the policy, or with
+# a call form it does not know) and others it cannot record (clamp, maximum, adaptive max
+# pooling…). Smooth ops need nothing recorded: Jacobians through them are exact by autograd.
+NONLINEAR_NODES = (*ops.grad_nodes(), "Clamp", "Maximum", "Minimum", "Fmax", "Fmin",
+                   "AdaptiveMaxPool", "FractionalMaxPool", "Hardshrink", "Softshrink")
 
 
 def hidden_nonlinearities(out: torch.Tensor, calls: list[Call]) -> list[str]:
-    """Names of nonlinear autograd nodes in the forward that no logged module produced
-    (functional calls such as ``F.relu``): their configurations cannot be recorded."""
+    """Names of piecewise-linear autograd nodes in the forward that no logged call produced:
+    their states cannot be recorded."""
     # Python wrappers of autograd nodes live only while referenced: keep every one alive,
     # or ids get reused and compare wrongly
-    keep = [c.output.grad_fn for c in calls
-            if isinstance(c.output, torch.Tensor) and c.output.grad_fn is not None]
+    outs = [c.output[0] if isinstance(c.output, tuple) else c.output for c in calls]
+    keep = [n for o in outs if isinstance(o, torch.Tensor) for n in _call_nodes(o.grad_fn)]
     own = {id(n) for n in keep}
     found: list[str] = []
     stack = [out.grad_fn] if out.grad_fn is not None else []
@@ -273,11 +334,29 @@ def hidden_nonlinearities(out: torch.Tensor, calls: list[Call]) -> list[str]:
     return sorted(set(found))
 
 
+# shape-only nodes by which torch wraps an op's result (max_pool1d is max_pool2d between an
+# unsqueeze and a squeeze): the node below one is the call's own too
+_WRAPPERS = ("Squeeze", "Unsqueeze", "View", "Reshape", "Unsafe", "Alias")
+
+
+def _call_nodes(node: Any, depth: int = 3) -> list[Any]:
+    """The autograd nodes a logged call produced: its output's, and below shape-only ones."""
+    if node is None:
+        return []
+    out = [node]
+    if depth and type(node).__name__.startswith(_WRAPPERS):
+        for nxt, _ in node.next_functions:
+            out += _call_nodes(nxt, depth - 1)
+    return out
+
+
 def _invisible(hidden: list[str], policy: str) -> None:
-    what = (f"the forward applies nonlinear operations outside modules ({', '.join(hidden)}: "
-            "functional calls such as F.relu or torch.tanh), whose states ntrace cannot record")
-    _apply_policy(policy, what, "; use nn.ReLU-family modules, or pass unsupported='warn' or "
-                  "'skip' (CLI: --unsupported warn|skip) to record without them (Jacobians stay "
+    what = (f"the forward applies piecewise-linear operations ntrace does not record "
+            f"({', '.join(hidden)}: torch.clamp, torch.maximum, F.adaptive_max_pool2d and the "
+            "like), whose states would be missing from the trace")
+    _apply_policy(policy, what, "; use the ReLU family (F.relu, nn.ReLU, F.hardtanh…) and "
+                  "F.max_pool/nn.MaxPool instead, or pass unsupported='warn' or 'skip' (CLI: "
+                  "--unsupported warn|skip) to record without their states (Jacobians stay "
                   "exact)")
 
 

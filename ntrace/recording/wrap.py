@@ -176,6 +176,8 @@ class Session:
         if (self.output is None or input is not self.output or self.failure is not None
                 or not value.requires_grad or self.in_step):
             return
+        if not torch.is_grad_enabled():
+            return  # an evaluation pass (torch.no_grad): no optimizer step follows from it
         if reduction != "mean":
             with self._noting_failure():
                 raise UsageError(f"the script's {loss_id} loss uses reduction={reduction!r}; "

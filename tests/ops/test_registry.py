@@ -12,11 +12,14 @@ from torch import nn
 
 from ntrace import ops
 from ntrace.format import metadata
+from ntrace.ops import base
 from ntrace.ops.base import ActivationOp
+from ntrace.ops.smooth import MODULES as SMOOTH_MODULES
 
 PKG = Path(ops.__file__).parent
 
-# one instance of every activation module type in the registry (a new one must add its own)
+# one instance of every piecewise-linear activation module type in the registry (a new one
+# must add its own); the smooth ones are the smooth op's table
 ACTIVATION_MODULES = {
     nn.ReLU: lambda: nn.ReLU(), nn.LeakyReLU: lambda: nn.LeakyReLU(0.15),
     nn.PReLU: lambda: nn.PReLU(5, 0.3), nn.Hardtanh: lambda: nn.Hardtanh(-0.4, 0.7),
@@ -55,7 +58,7 @@ def test_each_module_type_belongs_to_one_op() -> None:
     types = [m for op in ops.OPS for m in op.modules]
     assert len(types) == len(set(types))
     assert set(ops.BY_MODULE) == set(types)
-    assert ops.recognise(nn.Tanh()) is None
+    assert ops.recognise(nn.Hardshrink()) is None
     assert ops.recognise(type("MyLinear", (nn.Linear,), {})(2, 2)) is None  # exact types
     assert ops.recognise(type("MyFlatten", (nn.Flatten,), {})()).role == ops.PASSTHROUGH
 
@@ -92,7 +95,23 @@ def test_supported_lists_every_labelled_op() -> None:
 
 
 def test_every_activation_module_is_exercised_here() -> None:
-    assert set(ACTIVATION_MODULES) == {m for op in _ops(ops.ACTIVATION) for m in op.modules}
+    smooth = ops.ACTIVATIONS["smooth"]
+    assert set(ACTIVATION_MODULES) == {m for op in _ops(ops.ACTIVATION) for m in op.modules
+                                       if op is not smooth}
+
+
+@pytest.mark.parametrize("module_type", list(SMOOTH_MODULES), ids=lambda t: t.__name__)
+def test_smooth_modules_have_no_states_and_name_their_function(module_type: type) -> None:
+    """A smooth module is described by the name of its functional form, which that form's
+    own description repeats (one definition), with no states."""
+    op = ops.recognise(module_type())
+    assert op is ops.ACTIVATIONS["smooth"]
+    act = op.describe(module_type())
+    assert act.kind == "smooth" and not act.has_mask
+    assert metadata.Activation.from_dict(act.to_dict()) == act
+    funcs = [f for f in op.functions if base.function_name(f) == act.function]
+    assert funcs, act.function  # the module's function has a functional form listed
+    assert op.describe(op.as_module(funcs[0], (torch.zeros(1),), {})) == act
 
 
 @pytest.mark.parametrize("module_type", list(ACTIVATION_MODULES), ids=lambda t: t.__name__)

@@ -2,9 +2,11 @@
 
 For every Taylor round: the stored weights of the tracked layers, loaded into ``model``,
 reproduce the stored network output from the recorded model inputs (with the recorded dropout
-masks replayed); and for every tracked layer, the gradient of the Taylor loss computed from the
-stored factors alone (J and the layer input, through functional ops) equals torch.autograd's
-gradient of the model's mean loss on the recorded samples, on the tracked neurons.
+masks replayed, of modules by forward hooks and of functional ``F.dropout*`` calls, which the
+trace names ``…()``, in call order by a function mode); and for every tracked layer, the
+gradient of the Taylor loss computed from the stored factors alone (J and the layer input,
+through functional ops) equals torch.autograd's gradient of the model's mean loss on the
+recorded samples, on the tracked neurons.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ntrace.format.bits import unpack
 
@@ -24,7 +27,44 @@ from ntrace.format.bits import unpack
 def _loss(loss_id: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if loss_id == "mse":
         return ((f - y) ** 2).flatten(1).mean(1)
+    if loss_id == "nll":
+        return F.nll_loss(f, y, reduction="none")
     return F.cross_entropy(f, y, reduction="none")
+
+
+class _FunctionalDropouts(TorchFunctionMode):
+    """Replaces the k-th training-mode ``F.dropout*`` call of a forward made outside dropout
+    modules (which the hooks replay) by its k-th recorded mask (scaled by 1/(1-p), as dropout
+    scales)."""
+
+    def __init__(self, keeps: list[torch.Tensor], model: nn.Module) -> None:
+        super().__init__()
+        self.keeps = keeps
+        self.k = 0
+        self.inside = 0
+        self.model = model
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        drops = [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        self.hooks = [h for m in drops for h in (
+            m.register_forward_pre_hook(lambda *a: setattr(self, "inside", self.inside + 1)),
+            m.register_forward_hook(lambda *a: setattr(self, "inside", self.inside - 1)))]
+        return super().__enter__()
+
+    def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+        for h in self.hooks:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d) and not self.inside \
+                and kwargs.get("training", args[2] if len(args) > 2 else True):
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            keep = self.keeps[self.k]
+            self.k += 1
+            return args[0] * keep / (1 - p)
+        return func(*args, **kwargs)
 
 
 def _functional(kind: str, geo: dict, x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -55,19 +95,23 @@ def check_graph_trace(path: Path, model: nn.Module,
             mods[n].weight.data = torch.tensor(g[f"layers/{n}/weight"][t])
             if f"layers/{n}/bias" in g:
                 mods[n].bias.data = torch.tensor(g[f"layers/{n}/bias"][t])
-        hooks = []
+        hooks, keeps = [], []
         for m in attrs.get("modules", []):
             doc = g[f"modules/{m}"].attrs["ntrace"]
             if doc["kind"] != "dropout":
                 continue
             keep = torch.tensor(unpack(g[f"modules/{m}/state"][t], int(np.prod(
                 doc["input_shape"]))).reshape(-1, *doc["input_shape"]))
+            if "()" in m:  # a functional call
+                keeps.append(keep)
+                continue
             p = mods[m.split("@")[0]].p
             hooks.append(mods[m.split("@")[0]].register_forward_hook(
                 lambda mod, a, o, k=keep, p=p: a[0] * k / (1 - p)))
         model.zero_grad()
         x = model_input(g, t)
-        f = model(x)
+        with _FunctionalDropouts(keeps, model):
+            f = model(x)
         for h in hooks:
             h.remove()
         y = torch.tensor(g["taylor/target"][t])

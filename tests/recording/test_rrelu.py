@@ -95,7 +95,7 @@ def test_rrelu_in_training_mode_follows_the_unsupported_policy(tmp_path: Path) -
     assert tr.attrs.structure == "graph"
 
 
-def test_functional_rrelu_is_seen_in_the_autograd_graph(tmp_path: Path) -> None:
+def test_functional_rrelu_is_refused_in_training_mode(tmp_path: Path) -> None:
     class Functional(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -105,9 +105,17 @@ def test_functional_rrelu_is_seen_in_the_autograd_graph(tmp_path: Path) -> None:
             return self.fc2(nn.functional.rrelu(self.fc1(x), training=self.training))
 
     model = Functional()
-    with pytest.raises(UnsupportedModelError, match="RreluWithNoise"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"call rrelu\(\) \(RReLU\) is in training mode.*training=False"):
         with record(model, tmp_path / "f.zarr", loss="mse",
                     sampling=Sampling(taylor_every=1, samples_per_round=2)) as rec:
             x, y = torch.randn(4, 4), torch.randn(4, 2)
             out = model(x)
             rec.step(nn.functional.mse_loss(out, y), out, y)
+    model.eval()  # training=False: the fixed slope, a leaky_relu as for the module
+    with record(model, tmp_path / "g.zarr", loss="mse",
+                sampling=Sampling(taylor_every=1, samples_per_round=2)) as rec:
+        out = model(x)
+        rec.step(nn.functional.mse_loss(out, y), out, y)
+    assert open_trace(tmp_path / "g.zarr").layers["fc1"].activation == Activation(
+        "leaky_relu", (1 / 8 + 1 / 3) / 2)
