@@ -266,7 +266,7 @@ def test_resnet_example_records_validates_conforms_and_analyses(tmp_path: Path) 
             "--image-size", "8", "--train-size", "32"]
     result = runner.invoke(main, ["record", "--batchnorm", "fixed-stats", "--out", str(out),
                                   "--taylor-every", "2", "--samples-per-round", "8",
-                                  "--probe-size", "0", "--", "python",
+                                  "--", "python",
                                   str(EXAMPLES / "resnet_cifar.py"), "--steps", "4", *size])
     assert result.exit_code == 0, result.output
     result = runner.invoke(main, ["validate", str(out)])
@@ -279,6 +279,11 @@ def test_resnet_example_records_validates_conforms_and_analyses(tmp_path: Path) 
     attrs = g.attrs["ntrace"]
     assert attrs["batchnorm"]["approximation"] == "fixed_stats"
     assert "layers.1.0.downsample.1" in attrs["batchnorm"]["modules"]
+    # the ReLUs after BatchNorm are activation modules, so the probe records their states
+    units = g["probe"].attrs["ntrace"]["units"]
+    assert units and all(g[f"modules/{u['layer']}"].attrs["ntrace"]["kind"] == "activation"
+                         for u in units if u["layer"] not in attrs["layers"])
+    assert g["probe/config"].shape[0] >= 1
     net = _load_example().resnet(1, 4, 2)  # type: ignore[attr-defined]
     mods = dict(net.named_modules())
     for n in attrs["layers"]:

@@ -23,9 +23,6 @@ from ntrace.format.validate import validate_trace
 from .graph_conformance import check_graph_trace
 
 SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "examples" / "sequence_classifier.py"
-# TODO(lead): remove "--unsupported skip" once GELU is supported by default (branch wip-fn);
-# LayerNorm already passes through. Nothing else of this test depends on it.
-POLICY = ("--unsupported", "skip")
 
 
 def example() -> ModuleType:
@@ -58,7 +55,7 @@ def test_sequence_classifier_records_validates_conforms_and_analyses(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trace = tmp_path / "seq.zarr"
     res = CliRunner().invoke(main, ["record", "--out", str(trace), "--taylor-every", "4",
-                                    "--samples-per-round", "4", *POLICY, "--",
+                                    "--samples-per-round", "4", "--",
                                     "python", str(SCRIPT), "--epochs", "1"])
     assert res.exit_code == 0, res.stdout + res.stderr
     assert validate_trace(trace).ok
