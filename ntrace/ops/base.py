@@ -39,6 +39,7 @@ class Op:
     modules: ClassVar[tuple[type[nn.Module], ...]] = ()
     functions: ClassVar[tuple[Callable[..., Any], ...]] = ()  # functional forms
     grad_nodes: ClassVar[tuple[str, ...]] = ()  # autograd node name prefixes it produces
+    module_names: ClassVar[tuple[str, ...]] = ()  # library modules matched by class name
     subclasses: ClassVar[bool] = False  # also recognise subclasses of ``modules``
 
     @classmethod

@@ -25,6 +25,14 @@ MODULES: dict[type[nn.Module], str] = {
     nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax", nn.Softmin: "softmin",
     nn.Softmax2d: "softmax",
 }
+# activation modules of libraries, matched by class name (no import of the library):
+# Hugging Face transformers' ``transformers.activations`` (parameter-free, smooth)
+MODULE_NAMES: dict[str, str] = {
+    "GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh", "FastGELUActivation": "gelu_tanh",
+    "AccurateGELUActivation": "gelu_tanh", "QuickGELUActivation": "quick_gelu",
+    "SiLUActivation": "silu", "MishActivation": "mish", "GELUActivation1": "gelu",
+}
 
 
 class SmoothCall(nn.Module):
@@ -39,6 +47,7 @@ class Smooth(ActivationOp):
     label: ClassVar[str] = ("GELU, SiLU, Tanh, Sigmoid, Softplus, ELU, CELU, SELU, Mish, "
                             "Hardswish, Hardsigmoid, LogSigmoid, Softsign, Softmax, LogSoftmax")
     modules = (*MODULES, SmoothCall)
+    module_names = tuple(MODULE_NAMES)
     functions = (F.gelu, F.silu, F.tanh, torch.tanh, torch.Tensor.tanh, F.sigmoid,
                  torch.sigmoid, torch.Tensor.sigmoid, F.softplus, F.elu, F.celu, F.selu,
                  torch.selu, F.mish, F.hardswish, F.hardsigmoid, F.logsigmoid, F.softsign,
@@ -54,7 +63,8 @@ class Smooth(ActivationOp):
 
     @classmethod
     def describe(cls, module: nn.Module) -> Activation:
-        fn = getattr(module, "function", None) or MODULES[type(module)]
+        fn = (getattr(module, "function", None) or MODULES.get(type(module))
+              or MODULE_NAMES[type(module).__name__])
         return Activation(cls.name, function=fn)
 
     @classmethod

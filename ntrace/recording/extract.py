@@ -90,7 +90,7 @@ class Extractor:
         p = log.output.shape[1]
 
         def run() -> torch.Tensor:
-            return self.model(*args, **kwargs).reshape(n, p)
+            return self.watcher.pick(self.model(*args, **kwargs)).reshape(n, p)
 
         replay, calls = self._replay(log, n)
         handles = [m.register_forward_hook(h) for m, h in replay]

@@ -59,6 +59,7 @@ from ntrace.format.store import prepare_output
 from ntrace.format.writer import ProbeSetup, TaylorRound, TraceWriter
 from ntrace.losses import per_sample_loss
 from ntrace.ops.passthrough import training_batchnorm_allowed
+from ntrace.recording import outputs
 from ntrace.recording.async_writer import AsyncWriter, PendingCheckpoint, PendingRound
 from ntrace.recording.batchnorm import CHOICES as BATCHNORM_CHOICES
 from ntrace.recording.batchnorm import BatchNormGuard
@@ -284,9 +285,9 @@ class Recorder:
             self.close("aborted", f"{type(exc).__name__}: {exc}")
 
     # -- the per-round call ---------------------------------------------------------------
-    def step(self, loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor,
+    def step(self, loss: torch.Tensor, output: Any, target: torch.Tensor,
              indices: torch.Tensor | np.ndarray | None = None, *,
-             round_loss: torch.Tensor | None = None) -> None:
+             round_loss: torch.Tensor | None = None, field: str | None = None) -> None:
         """Record round ``self.round``: call after the forward, before ``optimizer.step()``.
 
         Under gradient accumulation (several forwards and backwards per optimizer step) pass
@@ -294,9 +295,17 @@ class Recorder:
         for the Taylor data) and, as ``round_loss``, the mean of the step's micro-batch losses
         (the round's recorded loss). Under ``torch.autocast`` pass the unscaled loss (not a
         ``GradScaler``'s scaled one); the Taylor data are float32
-        (:mod:`ntrace.recording.precision`)."""
+        (:mod:`ntrace.recording.precision`).
+
+        ``output`` may be what the model returned when that is a dict, tuple, dataclass or
+        ``ModelOutput``: the recorded output is its tensor named by ``field`` (``"logits"``)
+        or, without it, the one the loss is computed from (:mod:`ntrace.recording.outputs`)."""
         if self._closed:
             raise UsageError("the recorder is closed")
+        if not isinstance(output, torch.Tensor):
+            if self._watcher.path is None or field is not None:
+                self._watcher.choose(outputs.select(output, loss, field))
+            output = outputs.get(output, self._watcher.path)
         n = self.round
         if self._writer is not None:
             self._writer.raise_if_failed()
@@ -345,7 +354,8 @@ class Recorder:
         """Round 0: find the structure, check the loss declaration, create the trace."""
         if output.ndim != 2:
             raise UsageError(f"the model output must be (batch, outputs); found shape "
-                             f"{tuple(output.shape)} (flatten it in the model)")
+                             f"{tuple(output.shape)} (flatten it in the model; a loss per "
+                             "position of a sequence is not recordable yet)")
         with training_batchnorm_allowed(self.batchnorm is not None):
             st = discover(log, self.model, self.unsupported)
         self.structure = st

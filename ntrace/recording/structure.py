@@ -27,6 +27,7 @@ from ntrace import ops
 from ntrace.errors import UnsupportedModelError, UsageError
 from ntrace.format.metadata import Activation, Geometry, LayerAttrs, ModuleAttrs
 from ntrace.ops.activation_state import ActivationStates
+from ntrace.recording import outputs
 from ntrace.recording.functional import FunctionalCalls, Replacement
 
 POLICIES = ("error", "warn", "skip")
@@ -118,6 +119,7 @@ class CallLog:
     active: bool = False
     args: tuple[Any, ...] = ()  # the root call's positional arguments (the model inputs)
     kwargs: dict[str, Any] = field(default_factory=dict)
+    raw: Any = None  # what forward returned, when ``output`` is one tensor of a structure
 
 
 class Watcher:
@@ -129,6 +131,7 @@ class Watcher:
         self.capture = True
         self._names = {m: n for n, m in model.named_modules()}
         self.paused = False
+        self.path: outputs.Path | None = None  # the recorded tensor of a structured output
         self._handles = [model.register_forward_pre_hook(self._pre_root, with_kwargs=True)]
         if not any(True for _ in model.children()):  # a bare layer: the root is the leaf
             self._names[model] = type(model).__name__.lower()
@@ -156,8 +159,30 @@ class Watcher:
     def _post_root(self, module: nn.Module, args: Any, output: Any) -> None:
         self.functional.stop()
         if self.log.active and not self.paused:
-            self.log.output = output
+            self.log.raw, self.log.output = output, self.pick(output)
             self.log.active = False
+
+    def pick(self, output: Any) -> Any:
+        """The recorded tensor of what forward returned (itself, without a path)."""
+        return output if self.path is None else outputs.get(output, self.path)
+
+    def choose(self, path: outputs.Path) -> None:
+        """Record the tensor at ``path`` of the structured output from now on."""
+        self.path = path
+        if self.log.raw is not None:  # else the forward is running: its end picks it
+            self.log.output = self.pick(self.log.raw)
+
+    def rebatch(self, args: Any, kwargs: Any) -> None:
+        """The root call's inputs, known only after it ran (the model was attached from a
+        global pre-hook, which sees no keyword arguments): the log takes them, and which
+        calls are per sample is decided again by the batch size they give."""
+        self.log.args, self.log.kwargs = tuple(args), dict(kwargs)
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if not isinstance(x, torch.Tensor) or not x.ndim:
+            return
+        for c in self.log.calls:
+            c.per_sample = not (isinstance(c.input, torch.Tensor)
+                                and (c.input.ndim == 0 or c.input.shape[0] != x.shape[0]))
 
     def _function(self, name: str, module: nn.Module, x: torch.Tensor, output: Any,
                   per_sample: bool) -> None:
@@ -178,7 +203,11 @@ class Watcher:
         if not self.log.active or self.paused:
             return
         x = args[0] if args else None
-        self.log.calls.append(Call(self._names.get(module, "?"), module, x, output))
+        batch = self.functional.batch  # an input without the batch axis (position ids
+        per_sample = not (isinstance(x, torch.Tensor) and batch is not None  # (1, T)): shared
+                          and (x.ndim == 0 or x.shape[0] != batch))
+        self.log.calls.append(Call(self._names.get(module, "?"), module, x, output,
+                                   per_sample=per_sample))
 
     def remove(self) -> None:
         self.functional.stop()
@@ -203,11 +232,14 @@ def discover(log: CallLog, model: nn.Module, unsupported: str = "error") -> Stru
     out = log.output
     if not isinstance(out, torch.Tensor):
         raise UnsupportedModelError(f"the model returns {type(out).__name__}, not a tensor; "
-                                    "wrap it so that forward returns the (batch, outputs) tensor")
+                                    "name the tensor the loss is computed from: "
+                                    "step(loss, outputs, target, field='logits')")
     found = _Found()
     for i, c in enumerate(calls):
         op = ops.recognise(c.module)
         if not c.per_sample:
+            if not c.functional and op is not None and op.role == ops.LAYER:
+                _shared(c)
             continue  # F.relu on a weight, say: no per-sample state
         if op is None:
             _unsupported(c, unsupported)
@@ -295,6 +327,15 @@ def _unsupported(c: Call, policy: str) -> None:
     _apply_policy(policy, what, ". Pass unsupported='warn' or 'skip' (CLI: --unsupported "
                   "warn|skip) to record the rest, with Jacobians exact through it by autograd "
                   f"(supported: {ops.supported()})", "; recording the rest")
+
+
+def _shared(c: Call) -> None:
+    """A layer called on an input without the batch axis (a position embedding of
+    ``position_ids`` (1, T), broadcast over the batch): the same for every sample, not
+    tracked; its weights still train."""
+    warnings.warn(f"ntrace: layer {describe(c)} is called on an input without the batch axis "
+                  f"(shape {tuple(c.input.shape)}), shared by every sample: it is not tracked",
+                  stacklevel=4)
 
 
 def _refused(why: str, policy: str) -> None:

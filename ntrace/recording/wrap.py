@@ -70,6 +70,7 @@ from ntrace.errors import (
     UsageError,
 )
 from ntrace.format.metadata import Sampling
+from ntrace.recording import outputs
 from ntrace.recording.distributed import unwrap as _unwrap
 from ntrace.recording.recorder import Recorder
 
@@ -96,6 +97,7 @@ class LossCall:
     input: torch.Tensor
     target: torch.Tensor
     value: torch.Tensor
+    reduction: str = "mean"
 
 
 SCALING_NODES = ("MulBackward0", "DivBackward0", "ToCopyBackward0")  # loss × constants
@@ -116,7 +118,12 @@ class Session:
         self.recorder: Recorder | None = None
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.output: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None  # the recorded tensor of the model's output
+        self.raw: Any = None  # what the model's latest training forward returned
+        self.field: Any = None  # the path of the output in it, when structured
+        self.inner: list[LossCall] = []  # losses computed within the model's forward
+        self.rebatch = False
+        self.in_model = False  # the model's forward is running
         self.loss: LossCall | None = None  # the latest identified loss not backpropagated
         self.micro: list[LossCall] = []  # the losses backpropagated since the last step
         self.failure: NtraceError | None = None  # the first ntrace error, even if caught
@@ -147,6 +154,8 @@ class Session:
 
     def pre_forward(self, module: nn.Module, args: Any) -> None:
         self.depth += 1
+        if self.depth == 1:  # a loss computed within the model's forward is its own
+            self.in_model = self.model is not None and _model_of(module) is self.model
         if (self.depth != 1 or self.model is not None or self.failure is not None
                 or not torch.is_grad_enabled()):  # an evaluation forward is not training
             return
@@ -159,30 +168,66 @@ class Session:
             if params <= stepped:
                 with self._noting_failure():
                     self._attach(inner, opt, args)
+                self.in_model = True
                 if inner is module:  # our root hooks were installed too late for this call
                     assert self.recorder is not None
                     self.recorder._watcher.begin(args, {})
+                    self.rebatch = not args
                 return
 
-    def post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+    def post_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         self.depth -= 1
+        if self.depth == 0:
+            self.in_model = False
         if (self.depth == 0 and self.model is not None and torch.is_grad_enabled()
                 and _model_of(module) is self.model):
-            self.output = output if isinstance(output, torch.Tensor) else None
-            self.loss = None
+            assert self.recorder is not None
+            if self.rebatch:  # attached in this call: its keyword inputs are known only now
+                self.recorder._watcher.rebatch(args, kwargs)
+                self.rebatch = False
+            self.raw, self.output, self.loss = output, None, None
+            if isinstance(output, torch.Tensor):
+                self.output = output
+            inner, self.inner = self.inner, []
+            for call in reversed(inner):  # a loss computed in forward (labels=...)
+                if self._identify(call):
+                    break
+
+    def _identify(self, call: LossCall) -> bool:
+        """Take ``call`` as the loss if its input is the model's output, or a reshape of a
+        tensor of its structured output (``outputs.logits.view(-1, C)``)."""
+        if self.raw is None:
+            return False
+        with self._noting_failure():
+            path = outputs.find_input(self.raw, call.input)
+        if path is None:
+            return False
+        if call.reduction != "mean":
+            with self._noting_failure():
+                raise UsageError(f"the script's {call.loss_id} loss uses reduction="
+                                 f"{call.reduction!r}; ntrace records mean-reduced losses; "
+                                 + API_HINT)
+        assert self.recorder is not None
+        watcher = self.recorder._watcher
+        if watcher.path is None and not isinstance(self.raw, torch.Tensor):
+            watcher.choose(path)
+        self.output = watcher.pick(self.raw)
+        self.loss = replace(call, input=self.output, target=call.target)
+        self.field = path
+        return True
 
     def on_loss(self, loss_id: str, input: torch.Tensor, target: torch.Tensor,
                 reduction: str, value: torch.Tensor) -> None:
-        if (self.output is None or input is not self.output or self.failure is not None
-                or not value.requires_grad or self.in_step):
+        if (self.model is None or self.failure is not None or not value.requires_grad
+                or self.in_step):
             return
         if not torch.is_grad_enabled():
             return  # an evaluation pass (torch.no_grad): no optimizer step follows from it
-        if reduction != "mean":
-            with self._noting_failure():
-                raise UsageError(f"the script's {loss_id} loss uses reduction={reduction!r}; "
-                                 "ntrace records mean-reduced losses; " + API_HINT)
-        self.loss = LossCall(loss_id, input, target, value)
+        call = LossCall(loss_id, input, target, value, reduction)
+        if self.in_model:  # inside the model's forward: perhaps its own (labels=...)
+            self.inner.append(call)
+            return
+        self._identify(call)
 
     def on_backward(self, tensors: Any) -> None:
         """A backward of the identified loss: one micro-batch of the coming step."""
@@ -267,7 +312,9 @@ class Session:
         round_loss = None
         if len(micro) > 1:  # gradient accumulation: the mean of the micro-batch losses
             round_loss = torch.stack([m.value.detach().float().reshape(()) for m in micro]).mean()
-        self.recorder.step(last.value, last.input, last.target, round_loss=round_loss)
+        output = last.input if self.field is None else self.raw
+        self.recorder.step(last.value, output, last.target, round_loss=round_loss,
+                           field=self.field)
         self.rounds += 1
         self.loss, self.micro = None, []
 
@@ -421,7 +468,7 @@ def _installed(session: Session) -> Iterator[None]:
 
     handles = [
         module_mod.register_module_forward_pre_hook(session.pre_forward),
-        module_mod.register_module_forward_hook(session.post_forward),
+        module_mod.register_module_forward_hook(session.post_forward, with_kwargs=True),
         optim_mod.register_optimizer_step_pre_hook(session.pre_step),
         optim_mod.register_optimizer_step_post_hook(session.post_step),
     ]
@@ -481,8 +528,10 @@ def run_wrapped(command: list[str], opts: WrapOptions) -> WrapResult:
     kind, target, args = parse_command(command)
     opts = replace(opts, out=os.path.abspath(opts.out))
     session = Session(opts)
-    argv, cwd = sys.argv, os.getcwd()
+    argv, cwd, path = sys.argv, os.getcwd(), list(sys.path)
     sys.argv = [target, *args]
+    if kind == "path":  # as `python train.py` does: the script's folder is importable
+        sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
     status, detail, what = 0, "", ""
     try:
         with _installed(session):
@@ -505,6 +554,7 @@ def run_wrapped(command: list[str], opts: WrapOptions) -> WrapResult:
         raise
     finally:
         sys.argv = argv
+        sys.path[:] = path
         with contextlib.suppress(OSError):
             os.chdir(cwd)
     rec = session.recorder
