@@ -83,7 +83,10 @@ def _functional(kind: str, geo: dict, x: torch.Tensor, V: torch.Tensor) -> torch
 
 
 def check_graph_trace(path: Path, model: nn.Module,
-                      model_input: Callable[[zarr.Group, int], torch.Tensor]) -> int:
+                      model_input: Callable[[zarr.Group, int], torch.Tensor],
+                      forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> int:
+    """``forward(x)``: the recorded output from the model input (default ``model(x)``; a
+    field of a structured output, say)."""
     g = zarr.open_group(str(path), mode="r")
     attrs = g.attrs["ntrace"]
     loss_id = attrs["loss"]["id"]
@@ -111,7 +114,7 @@ def check_graph_trace(path: Path, model: nn.Module,
         model.zero_grad()
         x = model_input(g, t)
         with _FunctionalDropouts(keeps, model):
-            f = model(x)
+            f = model(x) if forward is None else forward(x)
         for h in hooks:
             h.remove()
         y = torch.tensor(g["taylor/target"][t])

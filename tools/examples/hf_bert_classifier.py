@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertForSequenceClassification
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--sentences", type=int, default=256)
@@ -35,17 +35,26 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    torch.manual_seed(args.seed)
-    tokens, labels = make_sentences(args.sentences, args.vocab, args.max_len, args.seed)
-    loader = DataLoader(TensorDataset(tokens, labels), batch_size=args.batch_size, shuffle=True,
-                        drop_last=True)
+    return ap.parse_args(argv)
+
+
+def build(args: argparse.Namespace) -> BertForSequenceClassification:
     config = BertConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                         num_hidden_layers=args.layers, num_attention_heads=2,
                         intermediate_size=2 * args.hidden, max_position_embeddings=args.max_len,
                         num_labels=3, pad_token_id=PAD, attention_probs_dropout_prob=0.0)
     model = BertForSequenceClassification(config)
     model.train()
+    return model
+
+
+def main() -> None:
+    args = parse()
+    torch.manual_seed(args.seed)
+    tokens, labels = make_sentences(args.sentences, args.vocab, args.max_len, args.seed)
+    loader = DataLoader(TensorDataset(tokens, labels), batch_size=args.batch_size, shuffle=True,
+                        drop_last=True)
+    model = build(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     step_times: list[float] = []
     start = time.perf_counter()

@@ -1,0 +1,89 @@
+"""Hugging Face ``transformers`` training scripts recorded unmodified by ``ntrace record --
+python …`` (``tools/examples/hf_*.py``; tiny models built from configs, offline data): they
+validate, conform (the Taylor loss at W_n is the recorded loss, which is the model's own
+``outputs.loss``, and its gradient from the stored factors is autograd's) and analyse."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.utils.data import DataLoader, TensorDataset
+
+from ntrace.analyze import open_results
+from ntrace.cli import main
+from ntrace.format.reader import open_trace
+from ntrace.format.validate import validate_trace
+
+from .graph_conformance import check_graph_trace
+
+transformers = pytest.importorskip("transformers")
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "tools" / "examples"
+ARGS = ["--epochs", "1", "--sentences", "64", "--batch-size", "16"]
+
+
+def _module(name: str) -> ModuleType:
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return module
+
+
+def test_bert_classifier_records_validates_conforms_and_analyses(tmp_path: Path) -> None:
+    trace = tmp_path / "bert.zarr"
+    with pytest.warns(UserWarning, match="position_embeddings"):
+        res = CliRunner().invoke(main, ["record", "--out", str(trace), "--taylor-every", "2",
+                                        "--samples-per-round", "4", "--", "python",
+                                        str(EXAMPLES / "hf_bert_classifier.py"), *ARGS])
+    assert res.exit_code == 0, res.stdout + res.stderr
+    assert validate_trace(trace).ok
+    tr = open_trace(trace)
+    assert tr.attrs.loss.id == "cross_entropy" and tr.attrs.output_size == 3
+    assert tr.attrs.run["model_class"] == "BertForSequenceClassification"
+    assert "classifier" in tr.layers and "bert.encoder.layer.0.intermediate.dense" in tr.layers
+    # replay the script's loop: the states before each step, and its own outputs.loss
+    ex = _module("hf_bert_classifier")
+    torch.manual_seed(0)
+    tokens, labels = ex.make_sentences(64, 40, 12, 0)
+    loader = DataLoader(TensorDataset(tokens, labels), batch_size=16, shuffle=True,
+                        drop_last=True)
+    model = ex.build(ex.parse([]))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    states, losses = [], []
+    for ids, y in loader:
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        out = model(input_ids=ids, attention_mask=(ids != ex.PAD).long(), labels=y)
+        losses.append(float(out.loss.detach()))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    np.testing.assert_allclose(tr.read("loss"), losses, rtol=1e-5)  # the model's outputs.loss
+    rounds = tr.read("taylor/round_index")
+    check = ex.build(ex.parse([]))
+
+    def model_input(g, t: int) -> torch.Tensor:
+        check.load_state_dict(states[int(rounds[t])])
+        return torch.as_tensor(g["layers/bert.embeddings.word_embeddings/input"][t])
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        return check(input_ids=ids, attention_mask=(ids != ex.PAD).long()).logits
+
+    assert check_graph_trace(trace, check, model_input, forward) == \
+        tr.taylor_rounds * len(tr.layers)
+    out = tmp_path / "an"
+    res = CliRunner().invoke(main, ["analyze", str(trace), "--out", str(out), "--checkpoints",
+                                    "2"])
+    assert res.exit_code == 0, res.stdout + res.stderr
+    ds = open_results(out / "results.zarr")
+    assert np.isfinite(ds.layer_optimum.values).all()
