@@ -65,7 +65,7 @@ OPS: tuple[type[Op], ...] = (
     rrelu.RReLU, smooth.Smooth,
     maxpool.MaxPool, dropout.Dropout, activation_state.ActivationStates,
     passthrough.Passthrough, passthrough.BatchNorm, norm.Norm, attention.Attention,
-    alpha_dropout.AlphaDropout,
+    alpha_dropout.AlphaDropout, linear.TransposedLinear,
 )
 
 
@@ -80,7 +80,8 @@ def _by_name(role: str) -> dict[str, type[Op]]:
 
 
 BY_MODULE: dict[type, type[Op]] = {m: op for op in OPS for m in op.modules}
-# modules of other libraries (transformers' GELUActivation…) by class name, never imported
+# modules of other libraries (transformers' GELUActivation…) by qualified class name, never
+# imported
 BY_MODULE_NAME: dict[str, type[Op]] = {n: op for op in OPS for n in op.module_names}
 # functional forms (F.relu, torch.relu_, Tensor.relu, F.max_pool2d…) → their op
 FUNCTIONS: dict[object, type[Op]] = {f: op for op in OPS for f in op.functions}
@@ -96,8 +97,8 @@ def recognise(module: object) -> type[Op] | None:
     if op is None:
         op = next((BY_MODULE[t] for t in type(module).__mro__[1:]
                    if t in BY_MODULE and BY_MODULE[t].subclasses), None)
-    if op is None and isinstance(module, nn.Module) and not any(True for _ in module.parameters()):
-        op = BY_MODULE_NAME.get(type(module).__name__)
+    if op is None and isinstance(module, nn.Module):
+        op = BY_MODULE_NAME.get(f"{type(module).__module__}.{type(module).__qualname__}")
     return op
 
 

@@ -84,3 +84,33 @@ class PositionalLinear(Linear):
         k, o, c = jac.shape[:3]
         return torch.einsum("kocq,kqi->koci", jac.reshape(k, o, c, -1),
                             x.reshape(k, -1, self.in_features))
+
+
+class _Transposed:
+    """Mixin: the module stores its weight (in_features, n)."""
+
+    @staticmethod
+    def weight(module: nn.Module) -> torch.Tensor:
+        return module.weight.t()  # type: ignore[union-attr,operator]
+
+
+class _TransposedPlain(_Transposed, Linear):
+    pass
+
+
+class _TransposedPositional(_Transposed, PositionalLinear):
+    pass
+
+
+class TransposedLinear(_Transposed, Linear):
+    """Hugging Face ``transformers``' ``Conv1D`` (GPT-2's projections): ``a = x W + b`` with W
+    stored (in_features, n), which is a Linear of weight Wᵀ; recorded as kind ``linear``
+    with Wᵀ, so that a trace does not tell them apart."""
+
+    label: ClassVar[str] = ""  # not a torch module: the lists of messages name torch's
+    modules = ()
+    module_names = ("transformers.pytorch_utils.Conv1D",)
+
+    @staticmethod
+    def bind(geometry: Geometry) -> LayerOp:
+        return (_TransposedPositional if geometry.positions else _TransposedPlain)(geometry)

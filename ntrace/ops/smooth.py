@@ -25,8 +25,8 @@ MODULES: dict[type[nn.Module], str] = {
     nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax", nn.Softmin: "softmin",
     nn.Softmax2d: "softmax",
 }
-# activation modules of libraries, matched by class name (no import of the library):
-# Hugging Face transformers' ``transformers.activations`` (parameter-free, smooth)
+# activation modules of Hugging Face transformers' ``transformers.activations`` (parameter-free,
+# smooth), matched by qualified class name (the library is never imported)
 MODULE_NAMES: dict[str, str] = {
     "GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
     "PytorchGELUTanh": "gelu_tanh", "FastGELUActivation": "gelu_tanh",
@@ -47,7 +47,7 @@ class Smooth(ActivationOp):
     label: ClassVar[str] = ("GELU, SiLU, Tanh, Sigmoid, Softplus, ELU, CELU, SELU, Mish, "
                             "Hardswish, Hardsigmoid, LogSigmoid, Softsign, Softmax, LogSoftmax")
     modules = (*MODULES, SmoothCall)
-    module_names = tuple(MODULE_NAMES)
+    module_names = tuple(f"transformers.activations.{n}" for n in MODULE_NAMES)
     functions = (F.gelu, F.silu, F.tanh, torch.tanh, torch.Tensor.tanh, F.sigmoid,
                  torch.sigmoid, torch.Tensor.sigmoid, F.softplus, F.elu, F.celu, F.selu,
                  torch.selu, F.mish, F.hardswish, F.hardsigmoid, F.logsigmoid, F.softsign,
