@@ -37,6 +37,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "mlp_loop": (["--steps", "3000"], ["--steps", "600"]),
     "convnet_loop": (["--epochs", "6"], ["--epochs", "2"]),
     "amp_accumulation": (["--epochs", "6"], ["--epochs", "2"]),
+    "hf_bert_classifier": (["--epochs", "4"], ["--epochs", "1"]),
 }
 
 

@@ -15,3 +15,8 @@ class Norm(PassthroughOp):
     label: ClassVar[str] = "GroupNorm, RMSNorm, InstanceNorm, LocalResponseNorm"
     modules = (nn.GroupNorm, nn.RMSNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
                nn.LocalResponseNorm)
+    # Hugging Face transformers' RMSNorms, by qualified class name (never imported)
+    module_names = tuple(f"transformers.models.{m}" for m in (
+        "llama.modeling_llama.LlamaRMSNorm", "mistral.modeling_mistral.MistralRMSNorm",
+        "qwen2.modeling_qwen2.Qwen2RMSNorm", "qwen3.modeling_qwen3.Qwen3RMSNorm",
+        "gemma.modeling_gemma.GemmaRMSNorm", "t5.modeling_t5.T5LayerNorm"))

@@ -241,6 +241,8 @@ def discover(log: CallLog, model: nn.Module, unsupported: str = "error") -> Stru
             if not c.functional and op is not None and op.role == ops.LAYER:
                 _shared(c)
             continue  # F.relu on a weight, say: no per-sample state
+        if op is None and _constant(c):
+            continue  # rotary position tables and the like: nothing flows back through it
         if op is None:
             _unsupported(c, unsupported)
         elif (why := op.unsupported(c.name, c.module)) is not None:
@@ -327,6 +329,16 @@ def _unsupported(c: Call, policy: str) -> None:
     _apply_policy(policy, what, ". Pass unsupported='warn' or 'skip' (CLI: --unsupported "
                   "warn|skip) to record the rest, with Jacobians exact through it by autograd "
                   f"(supported: {ops.supported()})", "; recording the rest")
+
+
+def _constant(c: Call) -> bool:
+    """A parameter-free module none of whose outputs require grad (a rotary embedding's cos
+    and sin tables, computed under ``torch.no_grad``): constant for the Taylor expansion, no
+    Jacobian flows through it and it has no states to record."""
+    if c.functional or any(True for _ in c.module.parameters()):
+        return False
+    outs = c.output if isinstance(c.output, tuple | list) else (c.output,)
+    return all(isinstance(o, torch.Tensor) and not o.requires_grad for o in outs)
 
 
 def _shared(c: Call) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -138,3 +139,47 @@ def test_gpt2_language_model_is_refused_naming_the_token_level_loss(tmp_path: Pa
     assert res.exit_code != 0
     assert "output.logits (8, 12, 32) as (96, 32)" in res.stderr
     assert "per position" in res.stderr
+
+
+def _family(name: str) -> torch.nn.Module:
+    t = transformers
+    small = dict(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    if name == "roberta":
+        return t.RobertaForSequenceClassification(t.RobertaConfig(
+            **{**small, "max_position_embeddings": 20}, attention_probs_dropout_prob=0.0,
+            pad_token_id=0))
+    if name == "distilbert":
+        return t.DistilBertForSequenceClassification(t.DistilBertConfig(
+            vocab_size=32, dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+            max_position_embeddings=16, num_labels=3, attention_dropout=0.0))
+    if name == "gpt2":
+        return t.GPT2ForSequenceClassification(t.GPT2Config(
+            vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2, attn_pdrop=0.0,
+            num_labels=3, pad_token_id=0))
+    return t.LlamaForSequenceClassification(t.LlamaConfig(  # rotary tables, RMSNorm, SiLU
+        **small, num_key_value_heads=2, pad_token_id=0, head_dim=8))
+
+
+@pytest.mark.parametrize("name", ["roberta", "distilbert", "gpt2", "llama"])
+def test_transformers_sequence_classifiers_record_through_the_python_api(
+        tmp_path: Path, name: str) -> None:
+    import ntrace
+
+    torch.manual_seed(0)
+    model = _family(name)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    trace = tmp_path / f"{name}.zarr"
+    with warnings.catch_warnings(), \
+            ntrace.record(model, trace, loss="cross_entropy", optimizer=opt) as rec:
+        warnings.simplefilter("ignore")  # position embeddings shared by the batch
+        for _ in range(2):
+            ids, y = torch.randint(1, 32, (8, 10)), torch.randint(0, 3, (8,))
+            outputs = model(input_ids=ids, labels=y)
+            outputs.loss.backward()
+            rec.step(outputs.loss, outputs, y)
+            opt.step()
+            opt.zero_grad()
+    assert validate_trace(trace).ok
+    assert open_trace(trace).attrs.output_size == 3
+
