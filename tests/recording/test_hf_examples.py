@@ -57,14 +57,14 @@ def test_bert_classifier_records_validates_conforms_and_analyses(tmp_path: Path)
     ex = _module("hf_bert_classifier")
     torch.manual_seed(0)
     tokens, labels = ex.make_sentences(64, 40, 12, 0)
-    loader = DataLoader(TensorDataset(tokens, labels), batch_size=16, shuffle=True,
-                        drop_last=True)
+    loader = DataLoader(TensorDataset(tokens, (tokens != ex.PAD).long(), labels),
+                        batch_size=16, shuffle=True, drop_last=True)
     model = ex.build(ex.parse([]))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     states, losses = [], []
-    for ids, y in loader:
+    for ids, mask, y in loader:
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        out = model(input_ids=ids, attention_mask=(ids != ex.PAD).long(), labels=y)
+        out = model(input_ids=ids, attention_mask=mask, labels=y)
         losses.append(float(out.loss.detach()))
         out.loss.backward()
         opt.step()

@@ -112,6 +112,13 @@ def _script(tmp_path: Path, body: str) -> Path:
     return script
 
 
+def _wrap(script: Path) -> None:
+    res = run_wrapped(["python", str(script)], WrapOptions(out=str(script.parent / "w.zarr"),
+                                                          probe_size=0))
+    assert res.rounds == 4
+    assert validate_trace(script.parent / "w.zarr").ok
+
+
 def test_wrapper_records_the_loss_computed_inside_the_model(tmp_path: Path) -> None:
     script = _script(tmp_path, '''
         outputs = model(input_ids=ids, labels=y)
@@ -119,10 +126,7 @@ def test_wrapper_records_the_loss_computed_inside_the_model(tmp_path: Path) -> N
         opt.step()
         opt.zero_grad()
         ''')
-    res = run_wrapped(["python", str(script)], WrapOptions(out=str(tmp_path / "w.zarr"),
-                                                          probe_size=0))
-    assert res.rounds == 4
-    assert validate_trace(tmp_path / "w.zarr").ok
+    _wrap(script)
     tr = open_trace(tmp_path / "w.zarr")
     assert tr.attrs.loss.id == "cross_entropy" and tr.attrs.output_size == 3
     assert list(tr.layers) == ["emb", "fc1", "fc2"]
@@ -136,10 +140,7 @@ def test_wrapper_links_an_outside_loss_to_a_field_of_the_output(tmp_path: Path) 
         opt.step()
         opt.zero_grad()
         ''')
-    res = run_wrapped(["python", str(script)], WrapOptions(out=str(tmp_path / "w.zarr"),
-                                                          probe_size=0))
-    assert res.rounds == 4
-    assert validate_trace(tmp_path / "w.zarr").ok
+    _wrap(script)
 
 
 def test_a_loss_per_position_is_refused_naming_the_field(tmp_path: Path) -> None:

@@ -15,10 +15,9 @@ learnable), of random lengths, padded.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from hf_bert_classifier import common_arguments, train
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -40,15 +39,10 @@ def make_sequences(n: int, vocab: int, length: int, seed: int
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=2)
+    common_arguments(ap)
     ap.add_argument("--sequences", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=32)
     ap.add_argument("--length", type=int, default=12)
-    ap.add_argument("--hidden", type=int, default=16)
-    ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
 
@@ -67,22 +61,7 @@ def main() -> None:
     ids, mask, labels = make_sequences(args.sequences, args.vocab, args.length, args.seed)
     loader = DataLoader(TensorDataset(ids, mask, labels), batch_size=args.batch_size,
                         shuffle=True, drop_last=True)
-    model = build(args)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    step_times: list[float] = []
-    start = time.perf_counter()
-    for epoch in range(args.epochs):
-        for input_ids, attention_mask, target in loader:
-            t = time.perf_counter()
-            batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-            outputs = model(**batch, labels=target)
-            outputs.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            step_times.append(time.perf_counter() - t)
-        print(f"epoch {epoch} loss {outputs.loss.item():.4f}")
-    print(f"train loop: {time.perf_counter() - start:.3f} s, median step "
-          f"{1e3 * statistics.median(step_times):.3f} ms over {len(step_times)} steps")
+    train(build(args), loader, args)  # the loop of hf_bert_classifier.py, as tutorials write it
 
 
 if __name__ == "__main__":
