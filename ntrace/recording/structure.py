@@ -153,8 +153,8 @@ class Watcher:
         if not self.paused:
             self.log = CallLog(active=self.capture, args=tuple(args), kwargs=dict(kwargs))
         if self.log.active and not self.paused or self.paused and self.functional.replace:
-            x = args[0] if args else next(iter(kwargs.values()), None)
-            self.functional.start(x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else None)
+            x = _first_tensor(args, kwargs)
+            self.functional.start(x.shape[0] if x is not None and x.ndim else None)
 
     def _post_root(self, module: nn.Module, args: Any, output: Any) -> None:
         self.functional.stop()
@@ -177,8 +177,8 @@ class Watcher:
         global pre-hook, which sees no keyword arguments): the log takes them, and which
         calls are per sample is decided again by the batch size they give."""
         self.log.args, self.log.kwargs = tuple(args), dict(kwargs)
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        if not isinstance(x, torch.Tensor) or not x.ndim:
+        x = _first_tensor(args, kwargs)
+        if x is None or not x.ndim:
             return
         for c in self.log.calls:
             c.per_sample = not (isinstance(c.input, torch.Tensor)
@@ -214,6 +214,12 @@ class Watcher:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def _first_tensor(args: Any, kwargs: Any) -> torch.Tensor | None:
+    """The first tensor input of a call (its batch size is the batch's): keyword arguments
+    may come first as ``None`` (``past_key_values=None, input_ids=...``)."""
+    return next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
 
 
 def describe(call: Call) -> str:

@@ -93,11 +93,13 @@ def _script(tmp_path: Path, body: str) -> Path:
         class Net(nn.Module):
             def __init__(self):
                 super().__init__()
-                self.emb = nn.Embedding(10, 6)
+                self.emb, self.pos = nn.Embedding(10, 6), nn.Embedding(5, 6)
                 self.fc1, self.act, self.fc2 = nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)
 
-            def forward(self, input_ids, labels=None):
-                logits = self.fc2(self.act(self.fc1(self.emb(input_ids)))).mean(1)
+            def forward(self, past=None, input_ids=None, labels=None):
+                positions = torch.arange(input_ids.shape[1])[None]  # (1, T): shared
+                h = self.emb(input_ids) + self.pos(positions)
+                logits = self.fc2(self.act(self.fc1(h))).mean(1)
                 loss = None
                 if labels is not None:
                     loss = F.cross_entropy(logits.view(-1, 3), labels.view(-1))
@@ -120,13 +122,16 @@ def _wrap(script: Path) -> None:
 
 
 def test_wrapper_records_the_loss_computed_inside_the_model(tmp_path: Path) -> None:
+    """Keyword inputs only, the first of them None; a position embedding shared by the batch
+    is not tracked (a warning)."""
     script = _script(tmp_path, '''
-        outputs = model(input_ids=ids, labels=y)
+        outputs = model(past=None, input_ids=ids, labels=y)
         outputs["loss"].backward()
         opt.step()
         opt.zero_grad()
         ''')
-    _wrap(script)
+    with pytest.warns(UserWarning, match="layer pos .* without the batch axis"):
+        _wrap(script)
     tr = open_trace(tmp_path / "w.zarr")
     assert tr.attrs.loss.id == "cross_entropy" and tr.attrs.output_size == 3
     assert list(tr.layers) == ["emb", "fc1", "fc2"]
@@ -134,7 +139,7 @@ def test_wrapper_records_the_loss_computed_inside_the_model(tmp_path: Path) -> N
 
 def test_wrapper_links_an_outside_loss_to_a_field_of_the_output(tmp_path: Path) -> None:
     script = _script(tmp_path, '''
-        logits = model(ids)["logits"]
+        logits = model(input_ids=ids)["logits"]
         loss = F.cross_entropy(logits.view(-1, 3), y)
         loss.backward()
         opt.step()
