@@ -40,6 +40,10 @@ class Op:
     functions: ClassVar[tuple[Callable[..., Any], ...]] = ()  # functional forms
     grad_nodes: ClassVar[tuple[str, ...]] = ()  # autograd node name prefixes it produces
     subclasses: ClassVar[bool] = False  # also recognise subclasses of ``modules``
+    # in words, for ``ntrace record --list-supported`` (:mod:`ntrace.ops.support`): what is
+    # recorded (empty: what the role records) and when the op is refused or approximated
+    recorded: ClassVar[str] = ""
+    notes: ClassVar[str] = ""
 
     @classmethod
     def unsupported(cls, name: str, module: nn.Module) -> str | None:
