@@ -32,12 +32,33 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "tools" / "examples"
 LOOP_LINE = re.compile(r"train loop: ([0-9.]+) s, median step ([0-9.]+) ms over (\d+) steps")
 
-# script, arguments of a run long enough that fixed costs amortise, --quick arguments
-SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
-    "mlp_loop": (["--steps", "3000"], ["--steps", "600"]),
-    "convnet_loop": (["--epochs", "6"], ["--epochs", "2"]),
-    "amp_accumulation": (["--epochs", "6"], ["--epochs", "2"]),
-    "hf_bert_classifier": (["--epochs", "4"], ["--epochs", "1"]),
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class Script:
+    """An example: the arguments of a run long enough that fixed costs amortise, those of a
+    ``--quick`` run, and the ``ntrace record`` options it needs (beyond the default sampling)."""
+
+    full: list[str]
+    quick: list[str]
+    record: list[str] = field(default_factory=list)
+
+
+def _data(name: str) -> list[str]:
+    return ["--data-dir", str(SHARED / name)] if (SHARED / name).is_dir() else []
+
+
+SCRIPTS: dict[str, Script] = {
+    "mlp_loop": Script(["--steps", "3000"], ["--steps", "600"]),
+    "convnet_loop": Script(["--epochs", "6"], ["--epochs", "2"]),
+    "amp_accumulation": Script(["--epochs", "6"], ["--epochs", "2"]),
+    "mnist_functional": Script(["--epochs", "3", "--samples", "6000", *_data("mnist")],
+                               ["--epochs", "1"]),
+    "resnet_cifar": Script(["--steps", "100", "--width", "8", *_data("cifar10")],
+                           ["--steps", "20", "--width", "8"], ["--batchnorm", "fixed-stats"]),
+    "sequence_classifier": Script(["--epochs", "12", "--sentences", "2048"], ["--epochs", "3"]),
+    "hf_bert_classifier": Script(["--epochs", "4"], ["--epochs", "1"]),
 }
 
 
@@ -69,15 +90,16 @@ def trace_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def measure(name: str, args: list[str], repeats: int, tmp: Path) -> tuple[Runs, Runs]:
+def measure(name: str, args: list[str], record: list[str], repeats: int, tmp: Path
+            ) -> tuple[Runs, Runs]:
     script = str(EXAMPLES / f"{name}.py")
     ntrace = [sys.executable, "-c", "from ntrace.cli import main; main()"]
     plain, wrapped = Runs(), Runs()
     for rep in range(repeats):
         out = tmp / f"{name}-{rep}.zarr"
         for runs, cmd in ((plain, [sys.executable, script, *args]),
-                          (wrapped, [*ntrace, "record", "--out", str(out), "--overwrite", "--",
-                                     sys.executable, script, *args])):
+                          (wrapped, [*ntrace, "record", "--out", str(out), "--overwrite",
+                                     *record, "--", sys.executable, script, *args])):
             loop, step, n, wall = run_once(cmd, ROOT)
             runs.loop.append(loop)
             runs.step_ms.append(step)
@@ -103,8 +125,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     try:
         for name in names:
-            full, quick = SCRIPTS[name]
-            plain, wrapped = measure(name, quick if args.quick else full, args.repeats, tmp)
+            sc = SCRIPTS[name]
+            plain, wrapped = measure(name, sc.quick if args.quick else sc.full, sc.record,
+                                     args.repeats, tmp)
             med = statistics.median
             print(f"| {name} | {plain.steps} | {med(plain.loop):.2f} | {med(wrapped.loop):.2f} "
                   f"| {med(wrapped.loop) / med(plain.loop):.2f} "

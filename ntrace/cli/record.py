@@ -69,6 +69,8 @@ from ntrace.tasks.runner import MAX_SEED, OPTIMIZERS
               help="continue the built-in task run recorded in this trace from its last "
                    "checkpoint (a killed run, or a finished one with a larger --steps)")
 @click.option("--list-tasks", is_flag=True, help="list the built-in tasks and exit")
+@click.option("--list-supported", is_flag=True,
+              help="list what is recorded for each module and functional op, and exit")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @handle_errors
 def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs: int | None,
@@ -77,7 +79,7 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
            neurons: str | int | None,
            probe_size: int | None, probe_every: int | None, max_jacobian_memory: int,
            unsupported: str, batchnorm: str | None, checkpoint_every: int | None,
-           resume: str | None, list_tasks: bool,
+           resume: str | None, list_tasks: bool, list_supported: bool,
            command: tuple[str, ...]) -> None:
     """Train a built-in task and record its Taylor trace, or record an unmodified script:
     ``ntrace record [OPTIONS] -- python train.py [ARGS]`` (or ``-- python -m MODULE``)."""
@@ -89,6 +91,11 @@ def record(task: str, out: str | None, optimizer: str, lr: float | None, epochs:
     console = Console(stderr=True)
     if list_tasks:
         _print_tasks()
+        return
+    if list_supported:
+        from ntrace.ops import support
+
+        click.echo(support.text())
         return
     if command:
         if task is not None:

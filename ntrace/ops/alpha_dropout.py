@@ -17,6 +17,7 @@ from ntrace.ops.dropout import dropout_module
 
 class AlphaDropout(PassthroughOp):
     label: ClassVar[str] = "AlphaDropout (eval)"
+    notes: ClassVar[str] = "training mode refused (random mask and affine correction)"
     modules = (nn.AlphaDropout, nn.FeatureAlphaDropout)
     functions = (F.alpha_dropout, F.feature_alpha_dropout)
     subclasses: ClassVar[bool] = False

@@ -27,6 +27,8 @@ class ScaledDotProductAttention(nn.Module):
 
 class Attention(PassthroughOp):
     label: ClassVar[str] = "scaled_dot_product_attention, MultiheadAttention (no dropout)"
+    notes: ClassVar[str] = ("`dropout_p > 0` refused (its mask is drawn inside the kernel and "
+                            "cannot be replayed)")
     modules = (ScaledDotProductAttention,)
     functions = (F.scaled_dot_product_attention,)
 

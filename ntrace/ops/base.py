@@ -41,6 +41,10 @@ class Op:
     grad_nodes: ClassVar[tuple[str, ...]] = ()  # autograd node name prefixes it produces
     module_names: ClassVar[tuple[str, ...]] = ()  # library modules matched by class name
     subclasses: ClassVar[bool] = False  # also recognise subclasses of ``modules``
+    # in words, for ``ntrace record --list-supported`` (:mod:`ntrace.ops.support`): what is
+    # recorded (empty: what the role records) and when the op is refused or approximated
+    recorded: ClassVar[str] = ""
+    notes: ClassVar[str] = ""
 
     @classmethod
     def unsupported(cls, name: str, module: nn.Module) -> str | None:

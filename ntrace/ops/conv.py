@@ -47,6 +47,7 @@ def by_group(out: torch.Tensor, neurons: torch.Tensor, per_group: int,
 class Conv(LayerOp):
     name: ClassVar[str] = "conv"
     label: ClassVar[str] = "Conv1d/2d/3d"
+    notes: ClassVar[str] = "stride, padding, dilation, groups"
     modules = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
     @classmethod

@@ -19,6 +19,7 @@ class ConvTranspose(Conv):
 
     name: ClassVar[str] = "conv_transpose"
     label: ClassVar[str] = "ConvTranspose1d/2d/3d"
+    notes: ClassVar[str] = "stride, padding, output padding, dilation, groups"
     modules = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
     @property

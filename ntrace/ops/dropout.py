@@ -18,6 +18,8 @@ from ntrace.ops.base import Op, StateOp, arg
 class Dropout(StateOp):
     name: ClassVar[str] = "dropout"
     label: ClassVar[str] = "Dropout"
+    notes: ClassVar[str] = ("keep masks recorded, replayed in the Jacobian forward, off in probe "
+                            "snapshots")
     modules = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
     functions = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
 

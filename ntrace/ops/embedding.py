@@ -22,6 +22,8 @@ from ntrace.ops.base import LayerOp
 class Embedding(LayerOp):
     name: ClassVar[str] = "embedding"
     label: ClassVar[str] = "Embedding"
+    notes: ClassVar[str] = ("`padding_idx`: the padding row is fixed, not part of V; `max_norm` "
+                            "refused (it rescales rows: not linear in the weights)")
     modules = (nn.Embedding,)
     neuron_last: ClassVar[bool] = True
 

@@ -18,6 +18,7 @@ from ntrace.ops.base import ActivationOp, arg
 class Hardtanh(ActivationOp):
     name: ClassVar[str] = "hardtanh"
     label: ClassVar[str] = "Hardtanh, ReLU6"
+    notes: ClassVar[str] = "two kinks: the upper state is recorded too"
     modules = (nn.Hardtanh, nn.ReLU6)
     functions = (F.hardtanh, F.hardtanh_, F.relu6)
     grad_nodes = ("Hardtanh",)

@@ -24,6 +24,8 @@ from ntrace.ops.base import LayerOp
 class Linear(LayerOp):
     name: ClassVar[str] = "linear"
     label: ClassVar[str] = "Linear"
+    notes: ClassVar[str] = ("on `(batch, features)`, or on `(batch, *positions, features)` like a "
+                            "1×1 convolution")
     modules = (nn.Linear,)
     rank_one: ClassVar[bool] = True
     chain: ClassVar[bool] = True

@@ -29,6 +29,7 @@ def winners(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class MaxPool(StateOp):
     name: ClassVar[str] = "maxpool"
     label: ClassVar[str] = "MaxPool1d/2d/3d"
+    notes: ClassVar[str] = "which element won; with or without `return_indices`"
     modules = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
     functions = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.max_pool1d_with_indices,
                  F.max_pool2d_with_indices, F.max_pool3d_with_indices, torch.max_pool1d,

@@ -27,6 +27,10 @@ class Passthrough(PassthroughOp):
 
 class BatchNorm(PassthroughOp):
     label: ClassVar[str] = "BatchNorm (eval), BatchNorm (training: --batchnorm fixed-stats)"
+    recorded: ClassVar[str] = "eval mode: nothing to record, exact Jacobians"
+    notes: ClassVar[str] = ("training mode couples the batch: refused, or approximate with "
+                            "`--batchnorm fixed-stats` (batch statistics held fixed; the gradient "
+                            "error is measured and stored every Taylor round)")
     modules = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
     @classmethod

@@ -17,6 +17,7 @@ from ntrace.ops.base import ActivationOp, arg
 class PReLU(ActivationOp):
     name: ClassVar[str] = "prelu"
     label: ClassVar[str] = "PReLU"
+    notes: ClassVar[str] = "its trained slopes are recorded every Taylor round"
     modules = (nn.PReLU,)
     functions = (F.prelu,)  # torch.prelu
     grad_nodes = ("Prelu",)

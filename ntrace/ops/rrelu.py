@@ -18,6 +18,8 @@ from ntrace.ops.leaky_relu import LeakyReLU
 
 class RReLU(LeakyReLU):
     label: ClassVar[str] = "RReLU (eval)"
+    notes: ClassVar[str] = ("eval mode records as LeakyReLU with slope (lower + upper)/2; training "
+                            "mode refused (slopes drawn at random)")
     modules = (nn.RReLU,)
     functions = (F.rrelu, F.rrelu_)
     grad_nodes = ("RreluWithNoise",)

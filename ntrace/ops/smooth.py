@@ -46,6 +46,8 @@ class Smooth(ActivationOp):
     name: ClassVar[str] = "smooth"
     label: ClassVar[str] = ("GELU, SiLU, Tanh, Sigmoid, Softplus, ELU, CELU, SELU, Mish, "
                             "Hardswish, Hardsigmoid, LogSigmoid, Softsign, Softmax, LogSoftmax")
+    recorded: ClassVar[str] = ("no states (after a tracked layer: activation `smooth` with the "
+                               "function's name); exact Jacobians")
     modules = (*MODULES, SmoothCall)
     module_names = tuple(f"transformers.activations.{n}" for n in MODULE_NAMES)
     functions = (F.gelu, F.silu, F.tanh, torch.tanh, torch.Tensor.tanh, F.sigmoid,

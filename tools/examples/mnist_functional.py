@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +53,16 @@ class Net(nn.Module):
 
 
 def train(args: argparse.Namespace, model: nn.Module, train_loader: DataLoader,
-          optimizer: optim.Optimizer, epoch: int) -> None:
+          optimizer: optim.Optimizer, epoch: int, step_times: list[float]) -> None:
     model.train()
     for batch_idx, (data, target) in enumerate(train_loader):
+        t = time.perf_counter()
         optimizer.zero_grad()
         output = model(data)
         loss = F.nll_loss(output, target)
         loss.backward()
         optimizer.step()
+        step_times.append(time.perf_counter() - t)
         if batch_idx % args.log_interval == 0:
             print(f"Train Epoch: {epoch} [{batch_idx * len(data)}/{len(train_loader.dataset)}]"
                   f"\tLoss: {loss.item():.6f}")
@@ -131,10 +135,16 @@ def main() -> None:
     model = Net(args.image_size, args.channels, args.hidden)
     optimizer = optim.Adadelta(model.parameters(), lr=args.lr)
     scheduler = StepLR(optimizer, step_size=1, gamma=args.gamma)
+    step_times: list[float] = []
+    train_seconds = 0.0
     for epoch in range(1, args.epochs + 1):
-        train(args, model, train_loader, optimizer, epoch)
+        start = time.perf_counter()
+        train(args, model, train_loader, optimizer, epoch, step_times)
+        train_seconds += time.perf_counter() - start
         test(model, test_loader)
         scheduler.step()
+    print(f"train loop: {train_seconds:.3f} s, median step "
+          f"{1e3 * statistics.median(step_times):.3f} ms over {len(step_times)} steps")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ Record it unmodified with:
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -70,17 +72,23 @@ def main() -> None:
     model = SequenceClassifier(args.vocab, args.dim, args.hidden, classes=3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     criterion = nn.CrossEntropyLoss()
+    step_times = []
+    start = time.perf_counter()
     for epoch in range(args.epochs):
         correct = 0
         for batch, target in loader:
+            t = time.perf_counter()
             optimizer.zero_grad()
             logits = model(batch)
             loss = criterion(logits, target)
             loss.backward()
             optimizer.step()
+            step_times.append(time.perf_counter() - t)
             correct += int((logits.argmax(1) == target).sum())
         accuracy = correct / (len(loader) * args.batch_size)
         print(f"epoch {epoch} loss {loss.item():.4f} accuracy {accuracy:.3f}")
+    print(f"train loop: {time.perf_counter() - start:.3f} s, median step "
+          f"{1e3 * statistics.median(step_times):.3f} ms over {len(step_times)} steps")
 
 
 if __name__ == "__main__":
