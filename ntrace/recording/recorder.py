@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import ntrace.recording.outputs as outputs
 from ntrace import __version__
 from ntrace.errors import (
     LossMismatchError,
@@ -59,7 +60,6 @@ from ntrace.format.store import prepare_output
 from ntrace.format.writer import ProbeSetup, TaylorRound, TraceWriter
 from ntrace.losses import per_sample_loss
 from ntrace.ops.passthrough import training_batchnorm_allowed
-from ntrace.recording import outputs
 from ntrace.recording.async_writer import AsyncWriter, PendingCheckpoint, PendingRound
 from ntrace.recording.batchnorm import CHOICES as BATCHNORM_CHOICES
 from ntrace.recording.batchnorm import BatchNormGuard

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+import ntrace.recording.outputs as outputs
 from ntrace import ops
 from ntrace.errors import UnsupportedModelError, UsageError
 from ntrace.format.metadata import Activation, Geometry, LayerAttrs, ModuleAttrs
 from ntrace.ops.activation_state import ActivationStates
-from ntrace.recording import outputs
 from ntrace.recording.functional import FunctionalCalls, Replacement
 
 POLICIES = ("error", "warn", "skip")

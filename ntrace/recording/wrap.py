@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ntrace.recording.outputs as outputs
 from ntrace.errors import (
     LossMismatchError,
     NtraceError,
@@ -70,7 +71,6 @@ from ntrace.errors import (
     UsageError,
 )
 from ntrace.format.metadata import Sampling
-from ntrace.recording import outputs
 from ntrace.recording.distributed import unwrap as _unwrap
 from ntrace.recording.recorder import Recorder
 
