@@ -115,7 +115,9 @@ class LiveAnalysis:
     """The results Dataset of the trace at ``path``, brought up to date by :meth:`update`.
 
     ``options`` as for :func:`ntrace.analyze.analyze_trace` (``checkpoints``, ``dynamic`` and
-    the Dask options are the view's own: ignored); default ``domain="none"``.
+    the Dask options are the view's own: ignored); default ``domain="none"``. ``scales=None``
+    means the layer and neuron scales the trace supports (the network scale only when asked
+    for).
     """
 
     def __init__(self, path: str | os.PathLike[str],
@@ -151,6 +153,10 @@ class LiveAnalysis:
             raise UsageError(f"{trace.path} now commits {T} Taylor rounds, fewer than the "
                              f"{self.taylor_rounds} analysed: it was overwritten; restart the view")
         opts = replace(self.opts, checkpoints=view_checkpoints(T))
+        if opts.scales is None:  # what the trace supports, less the network scale, whose
+            # dense solves (every parameter at once) would hold the page back; asked for, it runs
+            auto = make_plan(trace, opts).scales
+            opts = replace(opts, scales=tuple(s for s in auto if s != "network") or auto)
         plan = make_plan(trace, opts)
         if T != self.taylor_rounds or self._hs is None:
             self._hs = self._hindsight(trace, plan, opts)

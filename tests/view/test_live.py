@@ -56,7 +56,8 @@ def test_updates_read_only_new_rows_and_equal_a_fresh_analysis(long_mse: Path,
         T = live.taylor_rounds
         assert T == rounds  # a Taylor round every round
         assert live.rows_read == T  # each row read once, over all updates
-        opts = AnalysisOptions(domain="none", checkpoints=view_checkpoints(T))
+        opts = AnalysisOptions(domain="none", checkpoints=view_checkpoints(T),
+                               scales=("layer", "neuron"))
         fresh = analyze_trace(path, opts)
         assert live.dataset is not None
         assert fresh.attrs["ntrace"]["checkpoints"] == list(view_checkpoints(T))
@@ -69,13 +70,15 @@ def test_a_domain_built_from_every_iterate_is_recomputed(long_mse: Path, tmp_pat
                                                          domain: str) -> None:
     path = tmp_path / "live.zarr"
     shutil.copytree(long_mse, path)
-    live = LiveAnalysis(path, AnalysisOptions(domain=domain))
+    live = LiveAnalysis(path, AnalysisOptions(domain=domain, scales=("network", "layer",
+                                                                     "neuron")))
     assert not live.incremental
     for rounds in (20, 50):
         set_commit(path, rounds)
         live.update()
         fresh = analyze_trace(path, AnalysisOptions(domain=domain,
                                                     checkpoints=view_checkpoints(rounds)))
+        assert "network_optimum" in fresh
         assert live.dataset is not None
         _same(live.dataset, fresh, tol=0.0)
 
@@ -89,7 +92,8 @@ def test_the_working_set_of_an_iterative_loss_grows(long_ce: Path, tmp_path: Pat
     for rounds in (5, 9, 30, 40):
         set_commit(path, rounds)
         live.update()
-        opts = AnalysisOptions(domain="none", checkpoints=view_checkpoints(rounds))
+        opts = AnalysisOptions(domain="none", checkpoints=view_checkpoints(rounds),
+                               scales=("layer", "neuron"))
         assert live.dataset is not None
         _same(live.dataset, analyze_trace(path, opts), tol=10 * opts.tol)
     assert live.restarts == 1  # 5 rounds: room for 10; 9 fit; 30 do not: room for 60
