@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from bokeh.core.properties import value
+from bokeh.core.validation import silence
+from bokeh.core.validation.warnings import MISSING_RENDERERS
 from bokeh.document import Document
 from bokeh.layouts import column, gridplot, row
 from bokeh.models import (
@@ -30,11 +32,14 @@ from bokeh.models import (
     GlyphRenderer,
     LegendItem,
     TableColumn,
+    Title,
 )
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
 from ntrace.view.runs import COLUMNS, Monitor, Run
+
+silence(MISSING_RENDERERS, True)  # charts are empty until their runs have data
 
 REFRESH_MS = 250
 """How often a page looks for new data (milliseconds)."""
@@ -48,12 +53,15 @@ DOMAIN_SHORT = {"none": "unconstrained (H = whole parameter space)",
 WIDTH, HEIGHT = 620, 330
 
 
-def _figure(title: str, x: str, y: str, x_log: bool = False, y_log: bool = False) -> Any:
-    fig = figure(title=title, x_axis_label=x, y_axis_label=y, width=WIDTH, height=HEIGHT,
+def _figure(title: str, h: str, x: str, y: str, x_log: bool = False,
+            y_log: bool = False) -> Any:
+    """A chart titled ``title`` with the comparator set ``h`` on a second line."""
+    fig = figure(width=WIDTH, height=HEIGHT, x_axis_label=x, y_axis_label=y,
                  x_axis_type="log" if x_log else "linear",
                  y_axis_type="log" if y_log else "linear",
                  tools="pan,wheel_zoom,box_zoom,reset,save,hover")
-    fig.title.text_font_size = "11pt"
+    fig.add_layout(Title(text=h, text_font_style="italic", text_font_size="9pt"), "above")
+    fig.add_layout(Title(text=title, text_font_size="11pt"), "above")
     return fig
 
 
@@ -95,27 +103,28 @@ class Page:
             sizing_mode="stretch_width", index_position=None)
         self.pick = CheckboxGroup(labels=[], active=[], inline=True, name="overlay")
         self.pick.on_change("active", lambda attr, old, new: self._visibility())
-        self.loss = _figure("Minibatch loss at every training round (measured; no H)",
-                            "training round", "minibatch loss (the run's loss: MSE per output "
-                            "or cross-entropy in nats)", y_log=True)
-        self.taylor = _figure(f"Taylor loss at the iterates (running mean, solid) vs hindsight "
-                              f"Taylor optimum (dashed) · {h}", "Taylor rounds N",
-                              "mean Taylor loss per recorded sample (loss units)", x_log=True)
-        self.layer_regret = _figure(f"Regret / √N per layer (dotted: network) · {h}",
+        none = "H: none (no comparator: measured on the probe set)"
+        self.loss = _figure("Minibatch loss at every training round", "H: none (measured "
+                            "loss)", "training round", "minibatch loss (MSE / nats)",
+                            y_log=True)
+        self.taylor = _figure("Taylor loss: running mean at the iterates (solid) vs "
+                              "hindsight optimum (dashed)", h, "Taylor rounds N",
+                              "mean Taylor loss per sample (loss units)", x_log=True)
+        self.layer_regret = _figure("Regret / √N per layer (dotted: network)", h,
                                     "Taylor rounds N", "regret / √N (loss units × √rounds)",
                                     x_log=True)
-        self.neuron_regret = _figure(f"Regret / √N per neuron: mean ± s.d. over each layer's "
-                                     f"neurons · {h}", "Taylor rounds N",
-                                     "regret / √N (loss units × √rounds)", x_log=True)
-        self.distance = _figure("Exploration (a): distance to the nearest earlier activation "
-                                "configuration (no H)", "training round",
+        self.neuron_regret = _figure("Regret / √N per neuron: mean ± s.d. over a layer", h,
+                                     "Taylor rounds N", "regret / √N (loss units × √rounds)",
+                                     x_log=True)
+        self.distance = _figure("Exploration (a): distance to the nearest earlier "
+                                "configuration", none, "training round",
                                 "Hamming distance / (probe points × units)")
-        self.switches = _figure("Exploration (b): switches per probe point, sorted (no H)",
+        self.switches = _figure("Exploration (b): switches per probe point, sorted", none,
                                 "probe points (rank, most switching first)",
-                                "fraction of snapshot steps where the point switched")
-        self.volume = _figure("Exploration (c): log-volume per hidden unit, sorted (no H)",
+                                "fraction of snapshot steps switched")
+        self.volume = _figure("Exploration (c): log-volume per hidden unit, sorted", none,
                               "hidden units (rank, largest first)",
-                              "log-volume (sum of log singular values, nats)")
+                              "log-volume (sum of log singular values)")
         self.views: dict[int, _RunView] = {}
         charts = [self.loss, self.taylor, self.layer_regret, self.neuron_regret, self.distance,
                   self.switches, self.volume]

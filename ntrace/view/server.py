@@ -22,12 +22,23 @@ from bokeh.application import Application
 from bokeh.application.handlers.function import FunctionHandler
 from bokeh.server.auth_provider import AuthProvider
 from bokeh.server.server import Server
+from tornado.web import RequestHandler
+from tornado.websocket import WebSocketHandler
 
 from ntrace.view.page import make_document
 from ntrace.view.runs import Monitor
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 COOKIE = "ntrace_view_token"
+
+
+class Refused(RequestHandler):
+    """Where a request without the token is sent: 403 and what to do."""
+
+    def get(self) -> None:
+        self.set_status(403)
+        self.write("ntrace view: open the URL that ntrace view printed; it carries the "
+                   "access token\n")
 
 
 class TokenAuth(AuthProvider):
@@ -42,7 +53,8 @@ class TokenAuth(AuthProvider):
         def user(handler: Any) -> str | None:
             given = handler.get_argument("token", None)
             if given is not None and hmac.compare_digest(given.encode(), self.token.encode()):
-                handler.set_cookie(COOKIE, self.token, httponly=True, samesite="Strict")
+                if not isinstance(handler, WebSocketHandler):  # the page: remember it
+                    handler.set_cookie(COOKIE, self.token, httponly=True, samesite="Strict")
                 return "viewer"
             cookie = handler.get_cookie(COOKIE)
             if cookie is not None and hmac.compare_digest(cookie.encode(), self.token.encode()):
@@ -56,16 +68,16 @@ class TokenAuth(AuthProvider):
         return None
 
     @property
-    def login_url(self) -> None:
-        return None
+    def login_url(self) -> str:
+        return "/login"
 
     @property
     def get_login_url(self) -> None:
         return None
 
     @property
-    def login_handler(self) -> None:
-        return None
+    def login_handler(self) -> type[RequestHandler]:
+        return Refused
 
     @property
     def logout_url(self) -> None:

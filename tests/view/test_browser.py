@@ -46,6 +46,12 @@ def _length(page, name: str, column: str) -> int:  # type: ignore[no-untyped-def
         }""", [name, column]))
 
 
+def _cell(page, column: str, row: int) -> str:  # type: ignore[no-untyped-def]
+    """One cell of the runs table as the page holds it."""
+    return str(page.evaluate(
+        "([c, r]) => Bokeh.documents[0].get_model_by_name('runs').data[c][r]", [column, row]))
+
+
 def _committed(path: Path) -> int:
     try:
         with open_trace(path) as tr:
@@ -96,6 +102,10 @@ def test_live_page_in_headless_chromium(tmp_path: Path) -> None:
             latency = time.monotonic() - t_commit
             assert _length(page, "loss:1", "round") > shown
             assert _length(page, "loss:0", "round") == 40  # the finished run stays as it was
+            wait_for(lambda: int(_cell(page, "rounds", 1)) >= committed, 60,
+                     "the table to show the commit")
+            assert _cell(page, "status", 1) == "running"
+            assert _cell(page, "status", 0) == "complete"
             page.screenshot(path=str(tmp_path / "view.png"), full_page=True)
             browser.close()
         assert (tmp_path / "view.png").stat().st_size > 10_000
@@ -106,3 +116,29 @@ def test_live_page_in_headless_chromium(tmp_path: Path) -> None:
         if view is not None:
             stop(view)
         rec.wait(timeout=60)
+
+
+def test_token_page_in_headless_chromium(tmp_path: Path) -> None:
+    """Bound to another address, the page works from the URL with its token (the websocket
+    carries the cookie the first request set) and not without it."""
+    playwright = pytest.importorskip("playwright.sync_api",
+                                     reason="Playwright is not installed (pip install "
+                                            "'ntrace[test]')")
+    exe = _chromium()
+    torch.manual_seed(5)
+    X = torch.randn(64, 6)
+    path = record_run(mlp((6, 5, 6)), tmp_path / "run.zarr", "mse", X, X, 20, 8,
+                      Sampling(taylor_every=1, samples_per_round=4))
+    view, url = start_view(str(path), "--host", "127.0.0.2")
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
+            page = browser.new_page()
+            assert page.goto(url.split("?")[0]).status == 403
+            page = browser.new_page()
+            page.goto(url)
+            wait_for(lambda: _length(page, "loss:0", "round") == 20, 60, "the loss curve")
+            wait_for(lambda: _length(page, "taylor:0", "N") > 0, 60, "the analysis")
+            browser.close()
+    finally:
+        stop(view)
