@@ -22,6 +22,7 @@ the bit-packed probe group whenever a snapshot is committed (they read no Taylor
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -131,6 +132,7 @@ class LiveAnalysis:
         self.dataset: xr.Dataset | None = None
         self.rows_read = 0  # Taylor rounds read by the hindsight, over all updates
         self.restarts = 0  # times the accumulated statistics were dropped and rebuilt
+        self.timings: dict[str, float] = {}  # seconds of each stage of the last update
         self._state: _State | None = None
         self._hs: Hindsight | None = None
         self._expl: Exploration | None = None
@@ -158,14 +160,19 @@ class LiveAnalysis:
             auto = make_plan(trace, opts).scales
             opts = replace(opts, scales=tuple(s for s in auto if s != "network") or auto)
         plan = make_plan(trace, opts)
+        t0 = time.perf_counter()
         if T != self.taylor_rounds or self._hs is None:
             self._hs = self._hindsight(trace, plan, opts)
             self.taylor_rounds = T
+        t1 = time.perf_counter()
         if K != self.snapshots:
             self._expl = explore(trace, opts) if opts.exploration else None
             self.snapshots = K
+        t2 = time.perf_counter()
         self.dataset = build_dataset(trace, plan, opts, self._hs, self._expl,
                                      result_notes(trace, opts, self._expl))
+        self.timings = {"hindsight": t1 - t0, "exploration": t2 - t1,
+                        "assembly": time.perf_counter() - t2}
         return True
 
     # -- the hindsight ---------------------------------------------------------------------

@@ -1,30 +1,14 @@
-"""Traces for the view tests, and a way to cut a finished trace back to a committed prefix."""
+"""Traces for the view tests (``tools/bench_view.set_commit`` cuts them back to a prefix)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from ntrace.format.metadata import Sampling
-from ntrace.format.reader import open_trace
 from tests.analyze.conftest import mlp, record_run
-
-
-def set_commit(path: Path, rounds: int) -> None:
-    """Rewrite the trace's commit record (and status ``running``) as its writer left it after
-    ``rounds`` rounds: the rows past it are then not part of the trace."""
-    with open_trace(path) as tr:  # the rows of each dimension that belong to those rounds
-        taylor = int((tr.zarr_array("taylor/round_index")[:] < rounds).sum())
-        snaps = int((tr.zarr_array("probe/round_index")[:] < rounds).sum())
-    doc_path = path / "zarr.json"
-    doc = json.loads(doc_path.read_text())
-    attrs = doc["attributes"]["ntrace"]
-    attrs["commit"] = {"rounds": rounds, "taylor_rounds": taylor, "snapshots": snaps}
-    attrs["status"] = "running"
-    doc_path.write_text(json.dumps(doc))
 
 
 @pytest.fixture(scope="session")

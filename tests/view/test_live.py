@@ -10,7 +10,7 @@ import pytest
 
 from ntrace.analyze import AnalysisOptions, analyze_trace
 from ntrace.view.live import LiveAnalysis, grid, view_checkpoints
-from tests.view.conftest import set_commit
+from tools.bench_view import set_commit
 
 
 def test_grid_is_fixed_and_ends_at_the_count() -> None:
