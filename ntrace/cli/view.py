@@ -23,10 +23,14 @@ from ntrace.errors import UsageError
               help="comparator set H of the hindsight optima: none updates incrementally; "
                    "ball and box are rebuilt from every iterate, so each update re-reads the "
                    "committed prefix")
+@click.option("--scales", default=None, metavar="LIST",
+              help="comma-separated scales to solve (network, layer, neuron); default: the "
+                   "layer and neuron scales the trace supports")
 @click.option("--poll", type=click.FloatRange(0.05, 60), default=0.5, show_default=True,
               help="seconds between looks for new commits")
 @handle_errors
-def view(paths: tuple[str, ...], port: int, host: str, domain: str, poll: float) -> None:
+def view(paths: tuple[str, ...], port: int, host: str, domain: str, scales: str | None,
+         poll: float) -> None:
     """Serve a web page over the traces PATHS (``.zarr`` directories, ``.zip`` files, URLs,
     or directories searched for them) that updates while they are written.
 
@@ -43,10 +47,11 @@ def view(paths: tuple[str, ...], port: int, host: str, domain: str, poll: float)
     except ImportError as exc:
         raise UsageError(f"ntrace view needs Bokeh ({exc.name or exc} is missing): "
                          "pip install 'ntrace[view]'") from exc
-    from ntrace.analyze.options import AnalysisOptions
+    from ntrace.analyze.options import AnalysisOptions, parse_scales
     from ntrace.view.runs import Monitor
 
-    monitor = Monitor(list(paths), AnalysisOptions(domain=domain), poll=poll)
+    opts = AnalysisOptions(domain=domain, scales=parse_scales(scales))
+    monitor = Monitor(list(paths), opts, poll=poll)
     v = start_view(monitor, host, port)
     if v.token is not None:
         click.echo(f"warning: serving on {visible(host)}, reachable from other machines; "

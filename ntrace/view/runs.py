@@ -7,8 +7,9 @@ given trace that does not exist yet is shown as waiting until its writer publish
 read goes through :func:`ntrace.format.reader.open_trace` (the guarded store); nothing is
 written.
 
-A :class:`Monitor` thread polls every run: it reads the minibatch losses committed since the
-last poll and brings the run's :class:`~ntrace.view.live.LiveAnalysis` up to date. What it
+A :class:`Monitor` polls every run: one thread reads the minibatch losses committed since the
+last poll and the table row, another brings each run's :class:`~ntrace.view.live.LiveAnalysis`
+up to date as fast as it can. What it
 publishes (:class:`Run` fields) is replaced, never changed in place, so a page can read it from
 another thread.
 """
@@ -19,6 +20,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +96,7 @@ class Run:
     committed_at: float = 0.0  # monotonic time the monitor first saw the last commit
     analysed_at: float = 0.0  # ... and finished analysing it
     seen: tuple[object, ...] = ()  # the commit, status and error the row was made from
+    analysis_error: str | None = None  # why the analysis stopped (shown in the table)
 
 
 def _row(run: Run, tr: Trace | None, error: str | None) -> dict[str, str]:
@@ -124,7 +127,7 @@ class Monitor:
         self.runs: list[Run] = []
         self.table_version = 0
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.scan()
 
     def scan(self) -> None:
@@ -138,21 +141,29 @@ class Monitor:
                 self.runs = [*self.runs, run]
                 self.table_version += 1
 
-    def poll_once(self) -> None:
+    def poll_once(self, analyse: bool = True) -> None:
+        """Look for new traces, read every run's new losses and table row, and (``analyse``)
+        bring its analysis up to date."""
         self.scan()
         for run in self.runs:
-            try:
-                self._update(run)
-            except Exception as exc:  # a bug: shown on the page and on stderr, view goes on
-                print(f"ntrace view: {run.location}: unexpected {type(exc).__name__}: {exc}",
-                      file=sys.stderr)
-                self._set_row(run, _row(run, None, f"view error: {type(exc).__name__}: {exc}"))
+            self._guarded(run, self._read)
+            if analyse:
+                self._guarded(run, self._analyse)
+
+    def _guarded(self, run: Run, step: Callable[[Run], None]) -> None:
+        try:
+            step(run)
+        except Exception as exc:  # a bug: shown on the page and on stderr, view goes on
+            print(f"ntrace view: {run.location}: unexpected {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            self._set_row(run, _row(run, None, f"view error: {type(exc).__name__}: {exc}"))
 
     def _set_row(self, run: Run, row: dict[str, str]) -> None:
         if row != run.row:
             run.row, self.table_version = row, self.table_version + 1
 
-    def _update(self, run: Run) -> None:
+    def _read(self, run: Run) -> None:
+        """The losses committed since the last look, and the table row."""
         try:
             tr = open_trace(run.location)
         except TraceNotFoundError:
@@ -168,18 +179,30 @@ class Monitor:
                 run.rounds = np.concatenate([run.rounds, np.arange(n0, n1)])
                 run.loss = np.concatenate([run.loss, new])
                 run.committed_at = now
-            error = None
-            try:
-                if run.live.update(tr):
-                    run.dataset = run.live.dataset
-                    run.analysed_at = time.monotonic()
-                    run.version += 1
-            except NtraceError as exc:
-                error = f"analysis stopped: {exc}"
-            seen = (tr.attrs.commit, tr.attrs.status, error)
+            seen = (tr.attrs.commit, tr.attrs.status, run.analysis_error)
             if seen != run.seen:  # sizes are summed again only when something was committed
                 run.seen = seen
-                self._set_row(run, _row(run, tr, error))
+                self._set_row(run, _row(run, tr, run.analysis_error))
+
+    def _analyse(self, run: Run) -> bool:
+        """Bring the run's analysis up to the trace's last commit; True if it changed."""
+        if run.analysis_error is not None:
+            return False
+        try:
+            tr = open_trace(run.location)
+        except NtraceError:
+            return False  # not there yet, or refused: the table says which
+        with tr:
+            try:
+                changed = run.live.update(tr)
+            except NtraceError as exc:
+                run.analysis_error = f"analysis stopped: {exc}"
+                return False
+        if changed:
+            run.dataset = run.live.dataset
+            run.analysed_at = time.monotonic()
+            run.version += 1
+        return changed
 
     def table(self) -> dict[str, list[str]]:
         """The runs table as columns."""
@@ -187,16 +210,35 @@ class Monitor:
         return {k: [r.row.get(k, "") for r in runs] for k, _ in COLUMNS}
 
     def start(self) -> None:
-        def loop() -> None:
+        """Two daemon threads: one reads losses and table rows every ``poll`` seconds, the
+        other analyses, run after run, as fast as it can (a slow analysis never holds the
+        loss curves back)."""
+
+        def reads() -> None:
             while not self._stop.is_set():
                 t0 = time.monotonic()
-                self.poll_once()
+                self.poll_once(analyse=False)
                 self._stop.wait(max(0.0, self.poll - (time.monotonic() - t0)))
 
-        self._thread = threading.Thread(target=loop, name="ntrace-view-monitor", daemon=True)
-        self._thread.start()
+        def analyses() -> None:
+            while not self._stop.is_set():
+                busy = False
+                for run in list(self.runs):
+                    try:
+                        busy |= self._analyse(run)
+                    except Exception as exc:  # a bug: said, and this run left alone
+                        run.analysis_error = f"view error: {type(exc).__name__}: {exc}"
+                        print(f"ntrace view: {run.location}: {run.analysis_error}",
+                              file=sys.stderr)
+                if not busy:
+                    self._stop.wait(self.poll)
+
+        self._threads = [threading.Thread(target=fn, name=f"ntrace-view-{fn.__name__}",
+                                          daemon=True) for fn in (reads, analyses)]
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        for t in self._threads:
+            t.join(timeout=30)
