@@ -16,7 +16,7 @@ default here), where the objective over N rounds depends on those rounds only. `
 ``box`` are built from every iterate up to the last, so each new row moves H for every
 checkpoint: with those the hindsight is recomputed from the whole committed prefix at each
 update (:attr:`LiveAnalysis.incremental` is False). The exploration measures are recomputed from
-the bit-packed probe group whenever a snapshot is committed (they read no Taylor data).
+the bit-packed probe group (they read no Taylor data), within a time budget if one is set.
 """
 
 from __future__ import annotations
@@ -118,11 +118,14 @@ class LiveAnalysis:
     ``options`` as for :func:`ntrace.analyze.analyze_trace` (``checkpoints``, ``dynamic`` and
     the Dask options are the view's own: ignored); default ``domain="none"``. ``scales=None``
     means the layer and neuron scales the trace supports (the network scale only when asked
-    for).
+    for). The exploration measures are recomputed from all committed snapshots (the log-volume
+    of every unit needs them all): at every update, or with ``exploration_budget`` (a share of
+    the time, e.g. 0.2) only as often as that allows while the run is running; they then
+    describe the snapshots committed when they were last measured (``snapshot_round``).
     """
 
-    def __init__(self, path: str | os.PathLike[str],
-                 options: AnalysisOptions | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], options: AnalysisOptions | None = None,
+                 exploration_budget: float | None = None) -> None:
         self.path = path
         self.opts = replace(options or AnalysisOptions(domain="none"), dynamic=False,
                             scheduler=None, workers=None)
@@ -136,6 +139,8 @@ class LiveAnalysis:
         self._state: _State | None = None
         self._hs: Hindsight | None = None
         self._expl: Exploration | None = None
+        self.exploration_budget = exploration_budget
+        self._explored: tuple[float, float] | None = None  # when, and how long it took
 
     @property
     def incremental(self) -> bool:
@@ -161,19 +166,34 @@ class LiveAnalysis:
             opts = replace(opts, scales=tuple(s for s in auto if s != "network") or auto)
         plan = make_plan(trace, opts)
         t0 = time.perf_counter()
-        if T != self.taylor_rounds or self._hs is None:
+        changed = T != self.taylor_rounds or self._hs is None
+        if changed:
             self._hs = self._hindsight(trace, plan, opts)
             self.taylor_rounds = T
         t1 = time.perf_counter()
-        if K != self.snapshots:
+        if K != self.snapshots and self._explore_now(trace):
             self._expl = explore(trace, opts) if opts.exploration else None
             self.snapshots = K
+            self._explored = (time.monotonic(), time.perf_counter() - t1)
+            changed = True
+        if not changed:
+            return False
         t2 = time.perf_counter()
         self.dataset = build_dataset(trace, plan, opts, self._hs, self._expl,
                                      result_notes(trace, opts, self._expl))
         self.timings = {"hindsight": t1 - t0, "exploration": t2 - t1,
                         "assembly": time.perf_counter() - t2}
         return True
+
+    def _explore_now(self, trace: Trace) -> bool:
+        """Whether to measure exploration again: always without a budget, for the first
+        time and once the run has ended; else when the last measurement's cost is at most
+        ``exploration_budget`` of the time since."""
+        if self.exploration_budget is None or self._explored is None \
+                or trace.attrs.status != "running":
+            return True
+        at, cost = self._explored
+        return time.monotonic() - at >= cost / self.exploration_budget
 
     # -- the hindsight ---------------------------------------------------------------------
     def _hindsight(self, trace: Trace, plan: AnalysisPlan, opts: AnalysisOptions) -> Hindsight:

@@ -36,6 +36,8 @@ from ntrace.format.summary import summarize
 from ntrace.view.live import LiveAnalysis
 
 TRACE_SUFFIXES = (".zarr", ".zip")
+EXPLORATION_BUDGET = 0.2
+"""Share of a run's analysis time its exploration measures may take while it runs."""
 
 COLUMNS = (("run", "run"), ("status", "status"), ("task", "task"), ("model", "model"),
            ("optimizer", "optimizer and hyperparameters"), ("rounds", "rounds"),
@@ -136,7 +138,8 @@ class Monitor:
         for loc in find_traces(self.given):
             if loc not in known:
                 label = Path(loc).name if not _is_url(loc) else loc
-                run = Run(len(self.runs), loc, label, LiveAnalysis(loc, self.options))
+                run = Run(len(self.runs), loc, label, LiveAnalysis(loc, self.options,
+                                                                 EXPLORATION_BUDGET))
                 run.row = _row(run, None, None)
                 self.runs = [*self.runs, run]
                 self.table_version += 1

@@ -98,3 +98,27 @@ def test_the_working_set_of_an_iterative_loss_grows(long_ce: Path, tmp_path: Pat
         _same(live.dataset, analyze_trace(path, opts), tol=10 * opts.tol)
     assert live.restarts == 1  # 5 rounds: room for 10; 9 fit; 30 do not: room for 60
     assert live.rows_read == 5 + (9 - 5) + 30 + (40 - 30)
+
+
+def test_exploration_within_a_budget(long_mse: Path, tmp_path: Path) -> None:
+    """With a time budget the exploration is measured again only as often as its cost
+    allows while the run runs (the hindsight still follows every commit), and once more when
+    it has ended."""
+    path = tmp_path / "live.zarr"
+    shutil.copytree(long_mse, path)
+    finished = (path / "zarr.json").read_text()
+    live = LiveAnalysis(path, exploration_budget=1e-9)  # once measured, never again soon
+    set_commit(path, 30)
+    live.update()
+    assert live.snapshots == 10 and live.dataset is not None
+    assert live.dataset.sizes["snapshot"] == 10
+    set_commit(path, 60)
+    assert live.update()  # new Taylor rounds: new results ...
+    assert live.taylor_rounds == 60 and live.snapshots == 10  # ... with the old exploration
+    assert live.dataset.sizes["snapshot"] == 10
+    (path / "zarr.json").write_text(finished)  # the writer finished: status complete
+    assert live.update()
+    assert live.snapshots == 30 and live.dataset.sizes["snapshot"] == 30
+    fresh = analyze_trace(path, AnalysisOptions(domain="none", scales=("layer", "neuron"),
+                                                checkpoints=view_checkpoints(90)))
+    _same(live.dataset, fresh, tol=10 * AnalysisOptions().tol)
