@@ -8,8 +8,11 @@ import click
 
 from ntrace.analyze.options import DOMAINS
 from ntrace.cli import Command, handle_errors
+from ntrace.cli.options import MAX_DIM
 from ntrace.cli.text import visible
 from ntrace.errors import UsageError
+
+VIEW_MAX_DIM = 1024  # ntrace.view.live.VIEW_MAX_DIM, without importing torch for --help
 
 
 @click.command(cls=Command, short_help="Serve a live web page over traces as they are written.")
@@ -26,11 +29,15 @@ from ntrace.errors import UsageError
 @click.option("--scales", default=None, metavar="LIST",
               help="comma-separated scales to solve (network, layer, neuron); default: the "
                    "layer and neuron scales the trace supports")
+@click.option("--max-dim", type=click.IntRange(1, MAX_DIM), default=VIEW_MAX_DIM,
+              show_default=True, help="largest problem solved (parameters of a layer or "
+              "neuron); larger layers are left to ntrace analyze, as their dense solves would "
+              "repeat at every update")
 @click.option("--poll", type=click.FloatRange(0.05, 60), default=0.5, show_default=True,
               help="seconds between looks for new commits")
 @handle_errors
 def view(paths: tuple[str, ...], port: int, host: str, domain: str, scales: str | None,
-         poll: float) -> None:
+         max_dim: int, poll: float) -> None:
     """Serve a web page over the traces PATHS (``.zarr`` directories, ``.zip`` files, URLs,
     or directories searched for them) that updates while they are written.
 
@@ -50,7 +57,7 @@ def view(paths: tuple[str, ...], port: int, host: str, domain: str, scales: str 
     from ntrace.analyze.options import AnalysisOptions, parse_scales
     from ntrace.view.runs import Monitor
 
-    opts = AnalysisOptions(domain=domain, scales=parse_scales(scales))
+    opts = AnalysisOptions(domain=domain, scales=parse_scales(scales), max_dim=max_dim)
     monitor = Monitor(list(paths), opts, poll=poll)
     v = start_view(monitor, host, port)
     if v.token is not None:

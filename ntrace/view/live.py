@@ -41,6 +41,11 @@ from ntrace.analyze.source import TaylorSource
 from ntrace.errors import UsageError
 from ntrace.format.reader import Trace, open_trace
 
+VIEW_MAX_DIM = 1024
+"""The largest problem the view solves by default (``max_dim``): a layer of more parameters is
+left to ``ntrace analyze``, whose one pass can afford its dense solves (a few seconds each at
+3000 parameters, again at every update here)."""
+
 PER_OCTAVE = 4
 """Grid checkpoints per doubling of the Taylor-round count."""
 
@@ -116,7 +121,8 @@ class LiveAnalysis:
     """The results Dataset of the trace at ``path``, brought up to date by :meth:`update`.
 
     ``options`` as for :func:`ntrace.analyze.analyze_trace` (``checkpoints``, ``dynamic`` and
-    the Dask options are the view's own: ignored); default ``domain="none"``. ``scales=None``
+    the Dask options are the view's own: ignored); default ``domain="none"`` and
+    ``max_dim=VIEW_MAX_DIM``. ``scales=None``
     means the layer and neuron scales the trace supports (the network scale only when asked
     for). The exploration measures are recomputed from all committed snapshots (the log-volume
     of every unit needs them all): at every update, or with ``exploration_budget`` (a share of
@@ -127,8 +133,8 @@ class LiveAnalysis:
     def __init__(self, path: str | os.PathLike[str], options: AnalysisOptions | None = None,
                  exploration_budget: float | None = None) -> None:
         self.path = path
-        self.opts = replace(options or AnalysisOptions(domain="none"), dynamic=False,
-                            scheduler=None, workers=None)
+        self.opts = replace(options or AnalysisOptions(domain="none", max_dim=VIEW_MAX_DIM),
+                            dynamic=False, scheduler=None, workers=None)
         self.device = check_device(self.opts.device)
         self.taylor_rounds = 0
         self.snapshots = -1

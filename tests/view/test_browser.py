@@ -71,12 +71,22 @@ def _cell(page, column: str, row: int) -> str:  # type: ignore[no-untyped-def]
         "([c, r]) => Bokeh.documents[0].get_model_by_name('runs').data[c][r]", [column, row]))
 
 
-def _committed(path: Path) -> int:
+def _committed(path: Path, what: str = "rounds") -> int:
     try:
         with open_trace(path) as tr:
-            return tr.rounds
+            return int(getattr(tr, what))
     except Exception:  # not published yet
         return 0
+
+
+def _last(page, name: str, column: str) -> float:  # type: ignore[no-untyped-def]
+    """The last value of a column of a data source (0 if empty)."""
+    return float(page.evaluate(
+        """([name, column]) => {
+            const src = Bokeh.documents[0].get_model_by_name(name);
+            const c = src ? src.data[column] : [];
+            return c.length ? c[c.length - 1] : 0;
+        }""", [name, column]))
 
 
 def test_live_page_in_headless_chromium(tmp_path: Path) -> None:
@@ -114,9 +124,13 @@ def test_live_page_in_headless_chromium(tmp_path: Path) -> None:
             committed = wait_for(lambda: (n := _committed(live)) > max(before, shown) and n,
                                  60, "a new commit", every=0.01)
             t_commit = time.monotonic()
+            taylor = _committed(live, "taylor_rounds")
             wait_for(lambda: _length(page, "loss:1", "round") >= committed, 60,
                      "the loss curve to grow", every=0.02)
             latency = time.monotonic() - t_commit
+            wait_for(lambda: _last(page, "taylor:1", "N") >= taylor, 120,
+                     "the analysis to reach the commit", every=0.02)
+            analysed = time.monotonic() - t_commit
             assert _length(page, "loss:1", "round") > shown
             assert _length(page, "loss:0", "round") == 40  # the finished run stays as it was
             wait_for(lambda: int(_cell(page, "rounds", 1)) >= committed, 60,
@@ -126,8 +140,8 @@ def test_live_page_in_headless_chromium(tmp_path: Path) -> None:
             page.screenshot(path=str(tmp_path / "view.png"), full_page=True)
             browser.close()
         assert (tmp_path / "view.png").stat().st_size > 10_000
-        print(f"\npage update latency after a commit: {latency:.2f} s; screenshot "
-              f"{tmp_path / 'view.png'}")
+        print(f"\npage update latency after a commit: loss curve {latency:.2f} s, analysis "
+              f"charts {analysed:.2f} s; screenshot {tmp_path / 'view.png'}")
     finally:
         stop_file.touch()
         if view is not None:
