@@ -67,19 +67,24 @@ def analyze_trace(path: str | os.PathLike[str], options: AnalysisOptions | None 
     plan = make_plan(trace, opts)
     if out is not None:
         check_output(out, trace.path)
+    hs, expl = _run(trace, plan, opts, path, cluster)
+    assert hs is not None
+    ds = build_dataset(trace, plan, opts, hs, expl, result_notes(trace, opts, expl))
+    if out is not None:
+        write_results(ds, out, trace.path)
+    return ds
+
+
+def result_notes(trace: Trace, opts: AnalysisOptions, expl: Exploration | None) -> list[str]:
+    """The notes of a results Dataset that depend on the trace rather than on a solve."""
     notes: list[str] = []
     approximation = batchnorm_note(trace)
     if approximation is not None:
         notes.append(f"the Taylor data approximates {approximation}")
-    hs, expl = _run(trace, plan, opts, path, cluster)
-    assert hs is not None
     if opts.exploration and expl is None:
         notes.append("no exploration measures: the trace has no probe group or fewer than 2 "
                      "committed snapshots")
-    ds = build_dataset(trace, plan, opts, hs, expl, notes)
-    if out is not None:
-        write_results(ds, out, trace.path)
-    return ds
+    return notes
 
 
 def _run(trace: Trace, plan: AnalysisPlan | None, opts: AnalysisOptions,

@@ -34,6 +34,7 @@ COMMANDS = {
     "analyze": "ntrace.cli.analyze:analyze",
     "compare": "ntrace.cli.analyze:compare",
     "reproduce": "ntrace.cli.reproduce:reproduce",
+    "view": "ntrace.cli.view:view",
     "tasks": "ntrace.cli.record:tasks",
 }
 

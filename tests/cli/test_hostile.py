@@ -149,6 +149,8 @@ BROKEN = {  # command → (arguments with {bad} for a garbled trace, exit code)
     "reproduce": (["reproduce", "--optimizers", "adam", "--out", "{tmp}/r"],
                   UsageError.exit_code),
     "tasks": (["tasks", "{bad}"], UsageError.exit_code),
+    # a view shows a broken trace as refused and serves on: what stops it is a bad option
+    "view": (["view", "{bad}", "--scales", "bogus"], UsageError.exit_code),
 }
 
 
