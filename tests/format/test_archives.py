@@ -26,7 +26,7 @@ from ntrace.format.validate import validate_trace
 
 ARCHIVES = Path(__file__).resolve().parents[1] / "data" / "archives"
 # every released format version; add one (and its archive) per release
-RELEASED = ["1.0", "1.1", "1.2"]
+RELEASED = ["1.0", "1.1", "1.2", "1.3"]
 NEWER_MAJOR = (f"needs a newer ntrace (this is {__version__}, which reads format "
                f"{FORMAT_MAJOR}.x): pip install -U ntrace")
 
