@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ntrace.format.metadata import Sampling
-from tests.analyze.conftest import mlp, record_run
+from analyze.conftest import mlp, record_run
 
 
 @pytest.fixture(scope="session")

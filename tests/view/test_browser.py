@@ -18,8 +18,8 @@ import torch
 
 from ntrace.format.metadata import Sampling
 from ntrace.format.reader import open_trace
-from tests.analyze.conftest import mlp, record_run
-from tests.view.helpers import start_recorder, start_view, stop, wait_for
+from analyze.conftest import mlp, record_run
+from .helpers import start_recorder, start_view, stop, wait_for
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",

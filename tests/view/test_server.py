@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from ntrace.cli import main
 from ntrace.view.runs import Monitor, find_traces
-from tests.view.helpers import start_view, stop
+from .helpers import start_view, stop
 
 
 def _get(url: str) -> tuple[int, bytes]:
