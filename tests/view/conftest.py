@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from analyze.conftest import mlp, record_run
 
 from ntrace.format.metadata import Sampling
-from analyze.conftest import mlp, record_run
 
 
 @pytest.fixture(scope="session")

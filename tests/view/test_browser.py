@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from analyze.conftest import mlp, record_run
 
 from ntrace.format.metadata import Sampling
 from ntrace.format.reader import open_trace
-from analyze.conftest import mlp, record_run
+
 from .helpers import start_recorder, start_view, stop, wait_for
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

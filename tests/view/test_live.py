@@ -10,7 +10,19 @@ import pytest
 
 from ntrace.analyze import AnalysisOptions, analyze_trace
 from ntrace.view.live import LiveAnalysis, grid, view_checkpoints
-from tools.bench_view import set_commit
+
+
+def _bench_view():  # tools/ is no package on sys.path under plain pytest: load it by path
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "bench_view.py"
+    spec = importlib.util.spec_from_file_location("bench_view", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+set_commit = _bench_view().set_commit
 
 
 def test_grid_is_fixed_and_ends_at_the_count() -> None:

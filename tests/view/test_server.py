@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from ntrace.cli import main
 from ntrace.view.runs import Monitor, find_traces
+
 from .helpers import start_view, stop
 
 
