@@ -55,9 +55,9 @@ SCRIPTS: dict[str, Script] = {
     "amp_accumulation": Script(["--epochs", "6"], ["--epochs", "2"]),
     "mnist_functional": Script(["--epochs", "3", "--samples", "6000", *_data("mnist")],
                                ["--epochs", "1"]),
-    "resnet_cifar": Script(["--steps", "100", "--width", "8", *_data("cifar10")],
+    "resnet_cifar": Script(["--epochs", "4", "--width", "8", *_data("cifar10")],
                            ["--steps", "20", "--width", "8"], ["--batchnorm", "fixed-stats"]),
-    "sequence_classifier": Script(["--epochs", "12", "--sentences", "2048"], ["--epochs", "3"]),
+    "sequence_classifier": Script(["--epochs", "40", "--sentences", "2048"], ["--epochs", "3"]),
     "hf_bert_classifier": Script(["--epochs", "4"], ["--epochs", "1"]),
 }
 
